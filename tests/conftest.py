@@ -1,0 +1,27 @@
+"""Shared test helpers: matrices with a chosen spectrum, float64 references."""
+
+import numpy as np
+import pytest
+
+
+def matrix_with_spectrum(rng, rows, cols, sigma, *, batch=()):
+    """A ``[*batch, rows, cols]`` float64 matrix ``U diag(sigma) Vᵀ`` with Haar-random U, V."""
+    r = len(sigma)
+    out = np.empty(batch + (rows, cols))
+    for idx in np.ndindex(*batch):
+        u, _ = np.linalg.qr(rng.standard_normal((rows, r)))
+        v, _ = np.linalg.qr(rng.standard_normal((cols, r)))
+        out[idx] = (u * np.asarray(sigma)) @ v.T
+    return out
+
+
+def log_uniform_spectrum(rng, rank, lo):
+    """``rank`` singular values log-uniform on ``[lo, 1]``, with both ends present."""
+    s = np.exp(rng.uniform(np.log(lo), 0.0, rank))
+    s[0], s[-1] = 1.0, lo
+    return np.sort(s)[::-1]
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(0)

@@ -1,0 +1,176 @@
+"""msign and friends: accuracy against the SVD reference, properties over shapes/scales/dtypes."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import log_uniform_spectrum, matrix_with_spectrum
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import manifold_optax as mo
+
+
+def _sv(x):
+    return np.linalg.svd(np.asarray(x, np.float64), compute_uv=False)
+
+
+@pytest.mark.parametrize("shape, rank", [((128, 128), 128), ((512, 512), 512), ((96, 640), 96)])
+@pytest.mark.parametrize("scale", [1e-4, 1.0, 1e4])
+def test_eight_steps_float32_accuracy_target(rng, shape, rank, scale):
+    # Issue 2 acceptance: σ log-uniform on [1e-3, 1]·σ_max, rank ≤ 512 → every σ within 2e-3 of 1.
+    g = scale * matrix_with_spectrum(rng, *shape, log_uniform_spectrum(rng, rank, 1e-3))
+    s = _sv(mo.msign(jnp.asarray(g, jnp.float32), steps=8))[:rank]
+    assert np.abs(s - 1).max() <= 2e-3
+
+
+def test_plain_frobenius_normalization_misses_the_target(rng):
+    # MATH.md §2: Frobenius normalization over-estimates σ_max by up to √rank and misses 2e-3.
+    g = matrix_with_spectrum(rng, 128, 128, log_uniform_spectrum(rng, 128, 1e-3))
+    s = _sv(mo.msign(jnp.asarray(g, jnp.float32), steps=8, normalization="frobenius"))
+    assert np.abs(s - 1).max() > 2e-3
+
+
+def test_default_at_least_as_accurate_as_jordan_five(rng):
+    g = jnp.asarray(matrix_with_spectrum(rng, 256, 256, log_uniform_spectrum(rng, 256, 1e-2)))
+    err_default = np.abs(_sv(mo.msign(g)) - 1).max()
+    err_jordan = np.abs(_sv(mo.msign(g, 5, "jordan")) - 1).max()
+    assert err_default <= 0.32 and err_default <= err_jordan
+
+
+def test_matches_svd_polar_factor(rng):
+    # Singular vectors are untouched by NS: at 8 steps the matrix itself equals UVᵀ.
+    g = matrix_with_spectrum(rng, 48, 80, log_uniform_spectrum(rng, 48, 1e-2))
+    ours = np.asarray(mo.msign(jnp.asarray(g, jnp.float32), steps=8))
+    ref = np.asarray(mo.msign_svd(jnp.asarray(g)))
+    assert np.abs(ours - ref).max() < 1e-4
+
+
+def test_rank_deficient_maps_null_space_to_zero(rng):
+    g = matrix_with_spectrum(rng, 64, 40, np.linspace(1.0, 0.1, 10))
+    ours = np.asarray(mo.msign(jnp.asarray(g, jnp.float32), steps=8))
+    s = _sv(ours)
+    np.testing.assert_allclose(s[:10], 1.0, atol=1e-4)
+    # A float32 rank-10 matrix has σ ~ 1e-7·σ_max on its null space; 8 steps amplify that
+    # round-off (the first Polar Express row has slope 8.3 at 0) to a few 1e-4 at most.
+    np.testing.assert_allclose(s[10:], 0.0, atol=2e-3)
+    np.testing.assert_allclose(ours, np.asarray(mo.msign_svd(jnp.asarray(g))), atol=2e-3)
+
+
+def test_zero_gives_zero_and_dtypes_are_kept():
+    for dt in (jnp.float32, jnp.bfloat16):
+        out = mo.msign(jnp.zeros((3, 5, 7), dt))
+        assert out.dtype == dt and not np.any(np.asarray(out, np.float32))
+
+
+def test_bfloat16_keeps_float32_coefficients(rng):
+    # Coefficients cast to bf16 raise the 5-step PE error from ~0.13 to ~0.19 (MATH.md §2).
+    g = matrix_with_spectrum(rng, 128, 128, log_uniform_spectrum(rng, 128, 1e-2))
+    out = mo.msign(jnp.asarray(g, jnp.bfloat16))
+    assert out.dtype == jnp.bfloat16
+    assert np.abs(_sv(out) - 1).max() < 0.17
+
+
+def test_float64_under_x64(rng):
+    g = matrix_with_spectrum(rng, 40, 30, log_uniform_spectrum(rng, 30, 1e-3))
+    with jax.enable_x64(True):
+        out = mo.msign(jnp.asarray(g, jnp.float64), steps=10)
+        assert out.dtype == jnp.float64
+        np.testing.assert_allclose(_sv(out), 1.0, atol=1e-10)
+
+
+def test_batched_equals_per_matrix_and_jit_vmap(rng):
+    g = jnp.asarray(matrix_with_spectrum(rng, 20, 12, np.linspace(1, 0.05, 12), batch=(2, 3)),
+                    jnp.float32)
+    batched = jax.jit(mo.msign)(g)
+    per = np.stack([[np.asarray(mo.msign(g[i, j])) for j in range(3)] for i in range(2)])
+    # Same math; batched and single matmuls may sum in a different order (float32 round-off).
+    np.testing.assert_allclose(batched, per, atol=2e-5)
+    np.testing.assert_allclose(jax.vmap(mo.msign)(g), per, atol=2e-5)
+
+
+def test_schedules_and_explicit_table(rng):
+    g = jnp.asarray(matrix_with_spectrum(rng, 64, 64, log_uniform_spectrum(rng, 64, 1e-2)))
+    table = mo.polar_express_coefficients(5)
+    np.testing.assert_allclose(
+        mo.msign(g, coeffs=table, safety=1.01), mo.msign(g, 5, "polar_express"), atol=1e-6
+    )
+    assert np.abs(_sv(mo.msign(g, coeffs="you")) - 1).max() < 0.05
+    with pytest.raises(ValueError, match="exactly 5"):
+        mo.msign(g, 6, "you")
+
+
+def test_parity_with_optax_frobenius_newton_schulz(rng):
+    from optax.contrib._muon import orthogonalize_via_newton_schulz
+
+    g = jnp.asarray(rng.standard_normal((48, 96)), jnp.float32)
+    ref = orthogonalize_via_newton_schulz(g, jnp.asarray((3.4445, -4.7750, 2.0315)), 5)
+    ours = mo.msign(g, 5, "jordan", normalization="frobenius")
+    assert np.linalg.norm(ours - ref) / np.linalg.norm(ref) < 1e-5
+
+
+def test_bad_input_errors():
+    with pytest.raises(ValueError, match="at least 2 axes"):
+        mo.msign(jnp.ones(5))
+    with pytest.raises(ValueError, match="floating"):
+        mo.msign(jnp.ones((3, 3), jnp.int32))
+    with pytest.raises(ValueError, match="normalization"):
+        mo.msign(jnp.ones((3, 3)), normalization="spectral")
+
+
+def test_norms_and_top_pair(rng):
+    sig = np.array([3.0, 1.0, 0.5])
+    g = jnp.asarray(matrix_with_spectrum(rng, 30, 20, sig), jnp.float32)
+    np.testing.assert_allclose(mo.nuclear_norm(g), sig.sum(), rtol=1e-5)
+    np.testing.assert_allclose(mo.spectral_norm(g), 3.0, rtol=1e-5)
+    s, u, v = mo.top_singular_pair(g, iters=50)
+    np.testing.assert_allclose(s, 3.0, rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(u) @ np.asarray(g) @ np.asarray(v), 3.0, rtol=1e-5)
+    # Warm start from a nearby vector converges in a few iterations.
+    s2, _, _ = mo.top_singular_pair(g, v0=v + 0.01, iters=3)
+    np.testing.assert_allclose(s2, 3.0, rtol=1e-5)
+    s0, u0, v0 = mo.top_singular_pair(jnp.zeros((4, 3)))
+    assert float(s0) == 0.0 and np.all(np.isfinite(u0)) and np.all(np.isfinite(v0))
+
+
+# ---- property tests ---------------------------------------------------------------------------
+
+_msign8 = jax.jit(lambda x: mo.msign(x, steps=8))
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    rows=st.integers(1, 64),
+    cols=st.integers(1, 64),
+    batch=st.sampled_from([(), (2,)]),
+    log_scale=st.floats(-20, 20),
+    rank_frac=st.floats(0.0, 1.0),
+    dtype=st.sampled_from(["float32", "bfloat16"]),
+    seed=st.integers(0, 2**16),
+)
+def test_msign_properties(rows, cols, batch, log_scale, rank_frac, dtype, seed):
+    rng = np.random.default_rng(seed)
+    k = min(rows, cols)
+    rank = int(round(rank_frac * k))
+    sigma = np.exp(rng.uniform(np.log(1e-2), 0, rank)) if rank else np.zeros(0)
+    if rank:
+        sigma[0] = 1.0
+    g = matrix_with_spectrum(rng, rows, cols, sigma, batch=batch) * 10.0**log_scale
+    x = jnp.asarray(g, dtype)
+    out = _msign8(x)
+    assert out.shape == x.shape and out.dtype == x.dtype
+    out = np.asarray(out, np.float64)
+    assert np.all(np.isfinite(out))
+    x64 = np.asarray(x, np.float64)
+    for idx in np.ndindex(*batch):
+        s = np.linalg.svd(out[idx], compute_uv=False)
+        sx = np.linalg.svd(x64[idx], compute_uv=False)
+        if sx.size == 0 or sx[0] == 0:
+            assert np.all(out[idx] == 0)
+            continue
+        # bf16 inputs are rounded: recount their numerical rank from the rounded matrix.
+        tol = 5e-3 if dtype == "bfloat16" else 1e-4
+        big = sx > sx[0] * (2e-2 if dtype == "bfloat16" else 5e-3)
+        small = sx < sx[0] * 1e-6
+        assert np.abs(s[big] - 1).max() <= (0.05 if dtype == "bfloat16" else tol)
+        assert np.all(s[small] <= 1e-2)
