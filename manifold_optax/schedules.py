@@ -183,7 +183,9 @@ def get_schedule(coeffs, steps: int | None) -> tuple[np.ndarray, int]:
     if table.ndim == 1:
         table = table[None, :]
     if table.ndim != 2 or table.shape[-1] != 3:
-        raise ValueError(f"Newton–Schulz coefficients must have shape (3,) or (k, 3), got {table.shape}")
+        raise ValueError(
+            f"Newton–Schulz coefficients must have shape (3,) or (k, 3), got {table.shape}"
+        )
     k = table.shape[0]
     steps = k if steps is None else int(steps)
     if steps < 1:

@@ -80,8 +80,9 @@ def test_float64_under_x64(rng):
 
 
 def test_batched_equals_per_matrix_and_jit_vmap(rng):
-    g = jnp.asarray(matrix_with_spectrum(rng, 20, 12, np.linspace(1, 0.05, 12), batch=(2, 3)),
-                    jnp.float32)
+    g = jnp.asarray(
+        matrix_with_spectrum(rng, 20, 12, np.linspace(1, 0.05, 12), batch=(2, 3)), jnp.float32
+    )
     batched = jax.jit(mo.msign)(g)
     per = np.stack([[np.asarray(mo.msign(g[i, j])) for j in range(3)] for i in range(2)])
     # Same math; batched and single matmuls may sum in a different order (float32 round-off).
@@ -173,4 +174,7 @@ def test_msign_properties(rows, cols, batch, log_scale, rank_frac, dtype, seed):
         big = sx > sx[0] * (2e-2 if dtype == "bfloat16" else 5e-3)
         small = sx < sx[0] * 1e-6
         assert np.abs(s[big] - 1).max() <= (0.05 if dtype == "bfloat16" else tol)
-        assert np.all(s[small] <= 1e-2)
+        if dtype == "float32":
+            # bf16 matmuls add ~4e-3 relative noise, which msign rightly sends towards 1;
+            # in float32 an exactly-zero direction stays near zero.
+            assert np.all(s[small] <= 1e-2)
