@@ -1,5 +1,7 @@
 """manifold_optax: steepest descent under the spectral norm and on matrix manifolds, for optax."""
 
+from manifold_optax.alias import muon, trust_region
+from manifold_optax.labels import MuonDimensionNumbers, label_params, path_to_str
 from manifold_optax.linalg import (
     msign,
     msign_svd,
@@ -8,7 +10,16 @@ from manifold_optax.linalg import (
     spectral_norm,
     top_singular_pair,
 )
+from manifold_optax.norms import NORMS, dual_norm, dualize_array, primal_norm
 from manifold_optax.schedules import get_schedule, polar_express_coefficients
+from manifold_optax.transforms import (
+    MomentumState,
+    dualize,
+    momentum,
+    orthogonalize,
+    scale_by_modular_norm,
+    scale_by_shape,
+)
 
 __version__ = "0.1.0"
 
@@ -22,4 +33,19 @@ __all__ = [
     "top_singular_pair",
     "get_schedule",
     "polar_express_coefficients",
+    "NORMS",
+    "dual_norm",
+    "dualize_array",
+    "primal_norm",
+    "MomentumState",
+    "momentum",
+    "orthogonalize",
+    "dualize",
+    "scale_by_shape",
+    "scale_by_modular_norm",
+    "muon",
+    "trust_region",
+    "MuonDimensionNumbers",
+    "label_params",
+    "path_to_str",
 ]

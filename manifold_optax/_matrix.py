@@ -1,0 +1,95 @@
+"""Views of parameter leaves as batches of matrices, and grouped (batched) msign.
+
+A leaf is viewed as ``[batch, fan_in, fan_out]``: the axes named by a ``MuonDimensionNumbers``
+spec (reduction = fan-in, output = fan-out) become the matrix, the rest a batch. Without a spec
+the last two axes are the matrix (Flax's ``(in, out)`` kernels; layers stacked by ``nnx.scan``
+lead). Leaves of the same matrix shape and dtype are stacked and orthogonalized by one batched
+msign call, which keeps the hardware busy (issue 6).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from manifold_optax.labels import MuonDimensionNumbers, path_to_str
+from manifold_optax.linalg import msign
+
+
+def _axes(x, dim_nums):
+    if dim_nums is None:
+        return (x.ndim - 2,), (x.ndim - 1,)
+    red = dim_nums.reduction_axis
+    out = dim_nums.output_axis
+    red = (red,) if isinstance(red, int) else tuple(red)
+    out = (out,) if isinstance(out, int) else tuple(out)
+    return tuple(a % x.ndim for a in red), tuple(a % x.ndim for a in out)
+
+
+def matrix_view(
+    x: jax.Array, dim_nums: MuonDimensionNumbers | None, path=()
+) -> tuple[jax.Array, Callable[[jax.Array], jax.Array]]:
+    """Return ``(x3, inverse)`` with ``x3`` of shape ``[batch, fan_in, fan_out]``.
+
+    Raises ValueError naming ``path`` if the leaf has fewer than two axes or the spec is bad.
+    """
+    if x.ndim < 2:
+        raise ValueError(
+            f"parameter {path_to_str(path)!r} has shape {x.shape}: a matrix rule needs at "
+            "least 2 axes; send it to the fallback optimizer (labels/weight_dimension_numbers)"
+        )
+    try:
+        red, out = _axes(x, dim_nums)
+    except (TypeError, AttributeError) as e:
+        raise ValueError(f"bad weight dimension spec for {path_to_str(path)!r}: {dim_nums}") from e
+    if set(red) & set(out) or not red or not out:
+        raise ValueError(
+            f"parameter {path_to_str(path)!r} (shape {x.shape}): reduction axes {red} and "
+            f"output axes {out} must be non-empty and disjoint"
+        )
+    batch = tuple(a for a in range(x.ndim) if a not in red and a not in out)
+    perm = batch + red + out
+    inv = tuple(sorted(range(x.ndim), key=lambda i: perm[i]))
+    shp = lambda axes: tuple(x.shape[a] for a in axes)
+    flat = (math.prod(shp(batch)), math.prod(shp(red)), math.prod(shp(out)))
+    unflat = shp(batch) + shp(red) + shp(out)
+    x3 = jnp.transpose(x, perm).reshape(flat)
+    return x3, lambda y: jnp.transpose(y.reshape(unflat), inv)
+
+
+def fans(x: jax.Array, dim_nums: MuonDimensionNumbers | None) -> tuple[int, int]:
+    """``(fan_in, fan_out)`` of a leaf's matrix view; 0-D/1-D leaves are ``(1, size)``."""
+    if x.ndim < 2:
+        return 1, max(1, x.size)
+    red, out = _axes(x, dim_nums)
+    return math.prod(x.shape[a] for a in red), math.prod(x.shape[a] for a in out)
+
+
+def vector_view(x: jax.Array) -> tuple[jax.Array, Callable[[jax.Array], jax.Array]]:
+    """A 0-D or 1-D leaf as a ``[1, 1, d]`` matrix (a bias: weights from a constant input)."""
+    shape = x.shape
+    return x.reshape(1, 1, -1), lambda y: y.reshape(shape)
+
+
+def grouped_msign(mats: Sequence[jax.Array], group: bool = True, **msign_kwargs) -> list:
+    """msign of each ``[b, r, c]`` array; same ``(r, c, dtype)`` arrays share one batched call."""
+    if not group:
+        return [msign(m, **msign_kwargs) for m in mats]
+    groups: dict = {}
+    for i, m in enumerate(mats):
+        groups.setdefault((m.shape[1:], m.dtype), []).append(i)
+    out: list = [None] * len(mats)
+    for idx in groups.values():
+        if len(idx) == 1:
+            out[idx[0]] = msign(mats[idx[0]], **msign_kwargs)
+            continue
+        sizes = [mats[i].shape[0] for i in idx]
+        stacked = msign(jnp.concatenate([mats[i] for i in idx], axis=0), **msign_kwargs)
+        start = 0
+        for i, s in zip(idx, sizes, strict=True):
+            out[i] = stacked[start : start + s]
+            start += s
+    return out

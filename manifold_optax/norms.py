@@ -1,0 +1,115 @@
+"""Dualize maps and dual norms (MATH.md §1; Bernstein & Newhouse, "Old Optimizer, New Norm").
+
+For a norm ``‖·‖`` the steepest-descent direction is ``dualize(g) = argmax_{‖t‖ = 1} ⟨g, t⟩``
+and its size is the dual norm ``‖g‖† = max_{‖t‖ = 1} ⟨g, t⟩``. Matrices use Flax's layout
+``[*batch, fan_in, fan_out]`` (``y = xW``): a *row* is one input's weights (fixed first matrix
+axis), a *column* one output's weights (fixed last axis).
+
+========== ====================================== ============================== =====================
+name       norm of W                              dualize(g)                     dual norm ‖g‖†
+========== ====================================== ============================== =====================
+frobenius  ‖W‖_F                                  g / ‖g‖_F                      ‖g‖_F
+sign       max |W_ij|  (ℓ∞)                       sign(g)                        ‖g‖₁
+spectral   ‖W‖₂                                   msign(g)                       ‖g‖_*
+rms        √(d_in/d_out)·‖W‖₂  (RMS→RMS)          √(d_out/d_in)·msign(g)         √(d_out/d_in)·‖g‖_*
+row        max_i RMS(row_i)  (ℓ1→RMS)             each row at unit RMS           Σ_i √d_out·‖g_i‖₂
+column     max_j RMS(col_j)  (RMS→ℓ∞ / d_in)      each column at unit RMS        Σ_j √d_in·‖g_j‖₂
+========== ====================================== ============================== =====================
+
+``column`` is the RMS→ℓ∞ operator norm ``√d_in·max_j‖col_j‖₂`` divided by ``d_in`` so that its
+unit sphere is "every column at unit RMS" (the same direction; only the step's scale differs
+from the operator-norm convention of MATH.md's table). A zero row, column or matrix dualizes to
+zero. These functions take single arrays; :func:`manifold_optax.dualize` maps them over a tree.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+from manifold_optax.linalg import msign, nuclear_norm
+
+__all__ = ["NORMS", "dualize_array", "dual_norm", "primal_norm", "check_norm"]
+
+NORMS = ("spectral", "frobenius", "sign", "rms", "row", "column")
+MATRIX_NORMS = ("spectral", "rms", "row", "column")
+
+
+def check_norm(norm: str) -> str:
+    if norm not in NORMS:
+        raise ValueError(f"unknown norm {norm!r}; accepted names: {NORMS}")
+    return norm
+
+
+def _safe_div(a, b):
+    return a / jnp.where(b > 0, b, 1.0)
+
+
+def _as_matrix(x):
+    if x.ndim >= 2:
+        return x
+    return x.reshape(1, -1)
+
+
+def dualize_array(norm: str, g: jax.Array, **msign_kwargs) -> jax.Array:
+    """``argmax_{‖t‖=1} ⟨g, t⟩`` for one array (matrix norms read the last two axes; 0-D/1-D
+    arrays count as ``(1, d)`` matrices)."""
+    check_norm(norm)
+    if norm == "frobenius":
+        return _safe_div(g, jnp.sqrt(jnp.sum(jnp.square(g.astype(jnp.float32))))).astype(g.dtype)
+    if norm == "sign":
+        return jnp.sign(g)
+    shape = g.shape
+    x = _as_matrix(g)
+    d_in, d_out = x.shape[-2], x.shape[-1]
+    if norm in ("spectral", "rms"):
+        y = msign(x, **msign_kwargs)
+        if norm == "rms":
+            y = y * jnp.asarray(math.sqrt(d_out / d_in), y.dtype)
+    elif norm == "row":
+        n = jnp.sqrt(jnp.sum(jnp.square(x.astype(jnp.float32)), axis=-1, keepdims=True))
+        y = (_safe_div(x.astype(jnp.float32), n) * math.sqrt(d_out)).astype(g.dtype)
+    else:  # column
+        n = jnp.sqrt(jnp.sum(jnp.square(x.astype(jnp.float32)), axis=-2, keepdims=True))
+        y = (_safe_div(x.astype(jnp.float32), n) * math.sqrt(d_in)).astype(g.dtype)
+    return y.reshape(shape)
+
+
+def dual_norm(norm: str, g: jax.Array) -> jax.Array:
+    """``‖g‖† = max_{‖t‖=1} ⟨g, t⟩`` (exact: SVD for the spectral family), summed over any
+    batch axes, in float32."""
+    check_norm(norm)
+    g32 = jnp.asarray(g, jnp.float32)
+    if norm == "frobenius":
+        return jnp.sqrt(jnp.sum(g32 * g32))
+    if norm == "sign":
+        return jnp.sum(jnp.abs(g32))
+    x = _as_matrix(g32)
+    d_in, d_out = x.shape[-2], x.shape[-1]
+    if norm == "spectral":
+        return jnp.sum(nuclear_norm(x))
+    if norm == "rms":
+        return math.sqrt(d_out / d_in) * jnp.sum(nuclear_norm(x))
+    if norm == "row":
+        return math.sqrt(d_out) * jnp.sum(jnp.sqrt(jnp.sum(x * x, axis=-1)))
+    return math.sqrt(d_in) * jnp.sum(jnp.sqrt(jnp.sum(x * x, axis=-2)))
+
+
+def primal_norm(norm: str, w: jax.Array) -> jax.Array:
+    """The norm itself (max over any batch axes), for checking that ``dualize`` is unit-norm."""
+    check_norm(norm)
+    w32 = jnp.asarray(w, jnp.float32)
+    if norm == "frobenius":
+        return jnp.sqrt(jnp.sum(w32 * w32))
+    if norm == "sign":
+        return jnp.max(jnp.abs(w32))
+    x = _as_matrix(w32)
+    d_in, d_out = x.shape[-2], x.shape[-1]
+    if norm in ("spectral", "rms"):
+        s = jnp.max(jnp.linalg.svd(x, compute_uv=False))
+        return s if norm == "spectral" else math.sqrt(d_in / d_out) * s
+    if norm == "row":
+        return jnp.max(jnp.sqrt(jnp.mean(x * x, axis=-1)))
+    return jnp.max(jnp.sqrt(jnp.mean(x * x, axis=-2)))
