@@ -1,6 +1,6 @@
 """manifold_optax: steepest descent under the spectral norm and on matrix manifolds, for optax."""
 
-from manifold_optax.alias import muon, trust_region
+from manifold_optax.alias import manifold_muon, muon, trust_region
 from manifold_optax.labels import MuonDimensionNumbers, label_params, path_to_str
 from manifold_optax.linalg import (
     msign,
@@ -10,6 +10,16 @@ from manifold_optax.linalg import (
     spectral_norm,
     top_singular_pair,
 )
+from manifold_optax.manifold_transforms import (
+    DualAscentState,
+    RetractState,
+    diagnostics,
+    dual_ascent,
+    project_params,
+    resolve_manifolds,
+    retract,
+)
+from manifold_optax.manifolds import Manifold, SolverConfig, SpectralSphere, Sphere, Stiefel
 from manifold_optax.norms import NORMS, dual_norm, dualize_array, primal_norm
 from manifold_optax.schedules import get_schedule, polar_express_coefficients
 from manifold_optax.transforms import (
@@ -44,7 +54,20 @@ __all__ = [
     "scale_by_shape",
     "scale_by_modular_norm",
     "muon",
+    "manifold_muon",
     "trust_region",
+    "Manifold",
+    "Sphere",
+    "SpectralSphere",
+    "Stiefel",
+    "SolverConfig",
+    "dual_ascent",
+    "retract",
+    "project_params",
+    "diagnostics",
+    "resolve_manifolds",
+    "DualAscentState",
+    "RetractState",
     "MuonDimensionNumbers",
     "label_params",
     "path_to_str",

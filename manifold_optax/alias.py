@@ -1,16 +1,23 @@
-"""Ready optimizers: ``muon``, ``trust_region`` (and ``manifold_muon`` in ``manifold_alias``)."""
+"""Ready optimizers: ``muon``, ``manifold_muon`` and ``trust_region``."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
+import jax
 import optax
 
 from manifold_optax import norms as _norms
 from manifold_optax.labels import FALLBACK, MATRIX, label_params
+from manifold_optax.manifold_transforms import (
+    DEFAULT_INIT_TOLERANCE,
+    dual_ascent,
+    resolve_manifolds,
+    retract,
+)
 from manifold_optax.transforms import dualize, momentum, orthogonalize, scale_by_shape
 
-__all__ = ["muon", "trust_region", "adamw_fallback", "param_labels_fn"]
+__all__ = ["muon", "manifold_muon", "trust_region", "adamw_fallback", "param_labels_fn"]
 
 
 def param_labels_fn(weight_dimension_numbers=None, fallback_patterns: Sequence[str] = ()):
@@ -165,3 +172,113 @@ def trust_region(
         parts.append(optax.add_decayed_weights(1.0 / radius))
     parts.append(optax.scale_by_learning_rate(learning_rate))
     return optax.chain(*parts)
+
+
+MANIFOLD = "manifold"
+
+
+def manifold_labels_fn(manifold):
+    """A callable ``params → labels``: ``"manifold"`` where the spec gives a Manifold."""
+
+    def fn(params):
+        manifolds = resolve_manifolds(manifold, params)
+        leaves, treedef = jax.tree.flatten(params)
+        labels = [MANIFOLD if m is not None else FALLBACK for m in manifolds]
+        return jax.tree.unflatten(treedef, labels)
+
+    return fn
+
+
+def manifold_muon(
+    learning_rate: optax.ScalarOrSchedule,
+    manifold,
+    *,
+    solver: str = "online",
+    beta: float = 0.95,
+    nesterov: bool = True,
+    bias_correction: bool = True,
+    dual_learning_rate: float | None = None,
+    inner_steps: int = 20,
+    ns_steps: int | None = None,
+    ns_coeffs="polar_express",
+    exact_config=None,
+    init_tolerance: float | None = DEFAULT_INIT_TOLERANCE,
+    mu_dtype=None,
+    fallback: str = "adamw",
+    adam_learning_rate: optax.ScalarOrSchedule | None = None,
+    adam_b1: float = 0.9,
+    adam_b2: float = 0.999,
+    adam_eps: float = 1e-8,
+    adam_weight_decay: float = 0.0,
+    muon_weight_decay: float = 0.0,
+) -> optax.GradientTransformation:
+    r"""Manifold Muon: steepest descent under the spectral norm that keeps weights on a manifold.
+
+    Manifold leaves: :func:`momentum` → :func:`dual_ascent` (``Φ = msign(G + C_W*(Y))`` and
+    the multiplier update) → learning rate → :func:`retract`, i.e.
+    ``W ← R(W − η·Φ)``. Every other leaf goes to AdamW (``fallback="adamw"``) or to
+    :func:`muon` (``fallback="muon"``; its own non-matrix leaves then go to AdamW).
+
+    Args:
+      learning_rate: η (a float or schedule; injectable with ``optax.inject_hyperparams``).
+      manifold: a ``Manifold`` (every leaf with ≥ 2 axes), a tree prefix of
+        ``Manifold | None``, or a callable ``params → such a tree``.
+      solver: ``"online"`` (default: one dual step per training step, the multiplier in the
+        state — one msign per step), ``"dual_ascent"``, ``"exact"`` or ``"fixed_point"``.
+      dual_learning_rate, inner_steps, ns_steps, ns_coeffs, exact_config, init_tolerance: see
+        :func:`dual_ascent`.
+
+    The explicit chain ``optax.chain(momentum(beta), dual_ascent(manifold, solver),
+    optax.scale_by_learning_rate(learning_rate), retract(manifold))`` computes the same update
+    for the manifold leaves.
+
+    References: Bernstein, "Modular Manifolds" (Thinking Machines, 2025); Su, "Steepest descent
+    on manifolds" 1–5 (2025).
+    """
+    if fallback not in ("adamw", "muon"):
+        raise ValueError(f"fallback must be 'adamw' or 'muon', got {fallback!r}")
+    if adam_learning_rate is None:
+        adam_learning_rate = learning_rate
+    manifold_tx = optax.chain(
+        momentum(beta, nesterov=nesterov, bias_correction=bias_correction, mu_dtype=mu_dtype),
+        dual_ascent(
+            manifold,
+            solver,
+            dual_learning_rate=dual_learning_rate,
+            inner_steps=inner_steps,
+            ns_steps=ns_steps,
+            ns_coeffs=ns_coeffs,
+            exact_config=exact_config,
+            init_tolerance=init_tolerance,
+        ),
+        optax.scale_by_learning_rate(learning_rate),
+        retract(manifold),
+    )
+    if fallback == "adamw":
+        fallback_tx = adamw_fallback(
+            adam_learning_rate,
+            b1=adam_b1,
+            b2=adam_b2,
+            eps=adam_eps,
+            weight_decay=adam_weight_decay,
+            mu_dtype=mu_dtype,
+            nesterov=nesterov,
+        )
+    else:
+        fallback_tx = muon(
+            learning_rate,
+            ns_steps=ns_steps,
+            ns_coeffs=ns_coeffs,
+            beta=beta,
+            nesterov=nesterov,
+            weight_decay=muon_weight_decay,
+            mu_dtype=mu_dtype,
+            adam_learning_rate=adam_learning_rate,
+            adam_b1=adam_b1,
+            adam_b2=adam_b2,
+            adam_eps=adam_eps,
+            adam_weight_decay=adam_weight_decay,
+        )
+    return optax.partition(
+        {MANIFOLD: manifold_tx, FALLBACK: fallback_tx}, manifold_labels_fn(manifold)
+    )

@@ -1,0 +1,330 @@
+"""Manifold transformations: the multiplier update ``dual_ascent`` and the ``retract`` step,
+plus ``project_params`` and ``diagnostics`` (MATH.md §3).
+
+Chain them as ``optax.chain(momentum(...), dual_ascent(m, ...), optax.scale_by_learning_rate(η),
+retract(m))``; both need ``params`` in ``update``. Which leaf lives on which manifold comes from
+a *manifold spec*: one :class:`Manifold` (applied to every leaf with at least two axes), a tree
+prefix of ``Manifold | None``, or a callable ``params → such a tree``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from manifold_optax.labels import path_to_str
+from manifold_optax.linalg import msign
+from manifold_optax.manifolds import (
+    SOLVERS,
+    Aux,
+    Manifold,
+    SolverConfig,
+    SpectralSphere,
+    Stiefel,
+)
+from manifold_optax.transforms import leaf_specs
+
+__all__ = [
+    "DualAscentState",
+    "RetractState",
+    "dual_ascent",
+    "retract",
+    "resolve_manifolds",
+    "project_params",
+    "diagnostics",
+    "DEFAULT_INIT_TOLERANCE",
+]
+
+#: Relative distance to the manifold above which ``init`` refuses the parameters.
+DEFAULT_INIT_TOLERANCE = 1e-4
+
+_is_manifold = lambda x: isinstance(x, Manifold)
+
+
+def resolve_manifolds(spec, tree) -> list:
+    """One ``Manifold | None`` per leaf of ``tree`` (``jax.tree.leaves`` order), validated.
+
+    A single ``Manifold`` applies to leaves with at least two axes (vectors and scalars get
+    ``None``). A tree prefix or callable may also give ``Sphere`` to a vector; giving
+    ``Stiefel``/``SpectralSphere`` to a 0-D/1-D leaf, or an integer/complex leaf to any
+    manifold, raises ValueError naming the leaf's path.
+    """
+    leaves_with_paths = jax.tree_util.tree_flatten_with_path(tree)[0]
+    if _is_manifold(spec):
+        out = [spec if jnp.ndim(x) >= 2 else None for _, x in leaves_with_paths]
+    else:
+        try:
+            out = leaf_specs(spec, tree, is_spec=_is_manifold)
+        except ValueError as e:
+            raise ValueError(f"manifold spec does not match the parameter tree: {e}") from e
+    for (path, x), m in zip(leaves_with_paths, out, strict=True):
+        if m is None:
+            continue
+        if not _is_manifold(m):
+            raise ValueError(
+                f"manifold spec for {path_to_str(path)!r} must be a Manifold or None, got {m!r}"
+            )
+        m.check_leaf(x, path_to_str(path))
+    return out
+
+
+def _paths(tree):
+    return [path_to_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+
+
+def _empty():
+    return jnp.zeros((0,), jnp.float32)
+
+
+class LeafState(NamedTuple):
+    y: Any  # multiplier (normalized-gradient units): [*batch] or [*batch, m, m]
+    v: Any  # spectral sphere: top right singular vector [*batch, cols]; else empty
+
+
+class DualAscentState(NamedTuple):
+    leaves: tuple  # one LeafState per parameter leaf (empty arrays where no manifold)
+
+
+class RetractState(NamedTuple):
+    v: tuple  # spectral sphere: power-iteration vectors per leaf (empty elsewhere)
+
+
+def _as_matrix(x):
+    return x if x.ndim >= 2 else x.reshape(1, -1)
+
+
+def _check_concrete_on_manifold(params, manifolds, tol):
+    if tol is None:
+        return
+    for (path, x), m in zip(
+        jax.tree_util.tree_flatten_with_path(params)[0], manifolds, strict=True
+    ):
+        if m is None or isinstance(x, jax.core.Tracer):
+            continue
+        d = float(m.distance(_as_matrix(jnp.asarray(x))))
+        # Low-precision parameters cannot sit closer than their rounding (bf16: ~4e-3).
+        tol_eff = max(tol, 4 * float(jnp.finfo(jnp.result_type(x)).eps))
+        if not d <= tol_eff:
+            raise ValueError(
+                f"parameter {path_to_str(path)!r} is off its manifold {m} (relative distance "
+                f"{d:.3g} > {tol_eff:g}); put it on the manifold first with "
+                "manifold_optax.project_params(params, manifold_spec)"
+            )
+
+
+def dual_ascent(
+    manifold,
+    solver: str = "online",
+    *,
+    dual_learning_rate: float | None = None,
+    inner_steps: int = 20,
+    ns_steps: int | None = None,
+    ns_coeffs="polar_express",
+    exact_config: SolverConfig | None = None,
+    init_tolerance: float | None = DEFAULT_INIT_TOLERANCE,
+) -> optax.GradientTransformationExtraArgs:
+    r"""Per manifold leaf, the steepest tangent direction ``Φ = msign(G + C_W*(Y))`` and the
+    multiplier update; the multiplier ``Y`` lives in the state.
+
+    Solvers (MATH.md §3): ``"online"`` — one dual step per training step (Su, part 5):
+    ``Φ = msign(Ĝ + C_W*(Y))``, ``Y ← Y − η₂·C_W(Φ)``, one msign, ``Ĝ = G/RMS-σ(G)``;
+    ``"dual_ascent"`` — ``inner_steps`` such steps (with a linearly decaying step) warm-started
+    from the state; ``"exact"`` / ``"fixed_point"`` — solved to ``exact_config.tol`` (see
+    :class:`~manifold_optax.manifolds.Manifold`). Leaves without a manifold pass through.
+    Returns the positive direction ``Φ`` (``optax.scale_by_learning_rate`` negates it).
+
+    Args:
+      manifold: a Manifold, a tree prefix of ``Manifold | None``, or a callable returning one.
+      solver: one of ``"online"``, ``"dual_ascent"``, ``"exact"``, ``"fixed_point"``.
+      dual_learning_rate: ``η₂``, in units of the normalized gradient; ``None`` takes the
+        manifold's default (0.5 for the spheres, 0.1 for Stiefel: measured fastest-stable).
+      inner_steps: dual steps per call for ``"dual_ascent"``.
+      ns_steps, ns_coeffs: the msign of the online / dual-ascent directions (default 5 Polar
+        Express steps, as ``muon``).
+      exact_config: options of the exact solvers.
+      init_tolerance: ``init`` raises if a concrete parameter is farther than this (relative;
+        at least 4× the dtype's epsilon, so bfloat16 parameters get ~0.03) from its manifold;
+        the check is skipped for traced parameters; ``None`` disables it.
+    """
+    if solver not in SOLVERS:
+        raise ValueError(f"unknown solver {solver!r}; accepted: {SOLVERS}")
+    cfg = dataclasses.replace(
+        exact_config or SolverConfig(),
+        inner_steps=inner_steps,
+        dual_learning_rate=dual_learning_rate,
+    )
+    ms_kwargs = dict(steps=ns_steps, coeffs=ns_coeffs)
+
+    def init_fn(params):
+        manifolds = resolve_manifolds(manifold, params)
+        _check_concrete_on_manifold(params, manifolds, init_tolerance)
+        out = []
+        for x, m in zip(jax.tree.leaves(params), manifolds, strict=True):
+            if m is None:
+                out.append(LeafState(_empty(), _empty()))
+                continue
+            W = _as_matrix(jnp.asarray(x, jnp.float32))
+            y = jnp.zeros(m.multiplier_shape(W.shape), jnp.float32)
+            aux = m.init_aux(W)
+            if isinstance(m, SpectralSphere):
+                aux = m.update_aux(W, aux, 4 * cfg.power_iters)
+            out.append(LeafState(y, aux.v))
+        return DualAscentState(tuple(out))
+
+    def update_fn(updates, state, params=None):
+        if params is None:
+            raise ValueError("dual_ascent needs params: call update(updates, state, params)")
+        manifolds = resolve_manifolds(manifold, params)
+        g_leaves, treedef = jax.tree.flatten(updates)
+        w_leaves = jax.tree.leaves(params)
+        new_u, new_s = [], []
+        for g, w, m, ls in zip(g_leaves, w_leaves, manifolds, state.leaves, strict=True):
+            if m is None:
+                new_u.append(g)
+                new_s.append(ls)
+                continue
+            shape, dt = w.shape, w.dtype
+            W, G = (
+                _as_matrix(w.astype(jnp.float32)),
+                _as_matrix(g.astype(jnp.float32)).reshape(_as_matrix(w).shape),
+            )
+            aux = Aux(ls.v)
+            if solver == "online":
+                phi, y, aux = _online_step(m, G, W, ls.y, aux, cfg, ms_kwargs)
+            else:
+                phi, y, aux = m.solve(G, W, solver, Y=ls.y, aux=aux, config=cfg)
+            new_u.append(phi.reshape(shape).astype(dt))
+            new_s.append(LeafState(y, aux.v))
+        return jax.tree.unflatten(treedef, new_u), DualAscentState(tuple(new_s))
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _online_step(m: Manifold, G, W, Y, aux, cfg: SolverConfig, ms_kwargs):
+    """One msign: ``Φ = msign(Ĝ + C*(Y))``, then ``Y ← Y − η₂·C(Φ)``."""
+    aux = m.update_aux(W, aux, cfg.power_iters)
+    scale = jnp.sqrt(jnp.sum(G * G, axis=(-2, -1)) / min(G.shape[-2:]))
+    Gn = G / jnp.where(scale > 0, scale, 1.0)[..., None, None]
+    theta = m.theta(W, aux)
+    phi = msign(Gn + m.adjoint(W, Y, theta), **ms_kwargs)
+    eta = cfg.dual_learning_rate or m.default_dual_learning_rate
+    y = Y - eta * m.constraint(W, phi, theta)
+    return phi, y, aux
+
+
+def retract(manifold, *, power_iters: int = 10) -> optax.GradientTransformationExtraArgs:
+    r"""Return ``R(W + u) − W`` for every manifold leaf, so that ``optax.apply_updates`` lands
+    exactly on the manifold; goes last in a chain (after the learning rate).
+
+    Retractions: ``Sphere`` ``r·V/‖V‖_F``; ``SpectralSphere`` ``r·V/‖V‖₂`` with ``‖V‖₂`` from a
+    power iteration warm-started from the state; ``Stiefel`` the polar factor of ``V``, by
+    normalizing with the RMS singular value and quintic Newton–Schulz polishing (``V`` is within
+    O(η²) of orthonormal after a tangent step), in float32 at HIGHEST matmul precision. Leaves
+    without a manifold pass through. bfloat16 parameters are retracted in float32 and rounded.
+    """
+
+    def init_fn(params):
+        manifolds = resolve_manifolds(manifold, params)
+        vs = []
+        for x, m in zip(jax.tree.leaves(params), manifolds, strict=True):
+            if isinstance(m, SpectralSphere):
+                W = _as_matrix(jnp.asarray(x, jnp.float32))
+                vs.append(m.update_aux(W, m.init_aux(W), 4 * power_iters).v)
+            else:
+                vs.append(_empty())
+        return RetractState(tuple(vs))
+
+    def update_fn(updates, state, params=None):
+        if params is None:
+            raise ValueError("retract needs params: call update(updates, state, params)")
+        manifolds = resolve_manifolds(manifold, params)
+        u_leaves, treedef = jax.tree.flatten(updates)
+        out, vs = [], []
+        for u, w, m, v in zip(u_leaves, jax.tree.leaves(params), manifolds, state.v, strict=True):
+            if m is None:
+                out.append(u)
+                vs.append(v)
+                continue
+            V = _as_matrix(w.astype(jnp.float32) + u.astype(jnp.float32))
+            if isinstance(m, SpectralSphere):
+                aux = m.update_aux(V, Aux(v), power_iters)
+                new = m.retract(V, aux)
+                vs.append(aux.v)
+            elif isinstance(m, Stiefel):
+                new = m.retract(V, exact=False)
+                vs.append(v)
+            else:
+                new = m.retract(V)
+                vs.append(v)
+            new = new.reshape(w.shape).astype(w.dtype)
+            out.append((new - w).astype(u.dtype))
+        return jax.tree.unflatten(treedef, out), RetractState(tuple(vs))
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def project_params(params, manifold_spec):
+    """Put (freshly initialized) parameters onto their manifolds: spheres rescale, Stiefel takes
+    the polar factor (the nearest point). Leaves without a manifold are returned unchanged."""
+    manifolds = resolve_manifolds(manifold_spec, params)
+    leaves, treedef = jax.tree.flatten(params)
+    out = []
+    for x, m in zip(leaves, manifolds, strict=True):
+        if m is None:
+            out.append(x)
+            continue
+        W = _as_matrix(jnp.asarray(x, jnp.float32))
+        if isinstance(m, SpectralSphere):
+            s = jnp.linalg.svd(W, compute_uv=False)[..., 0]
+            new = m.radius * W / jnp.where(s > 0, s, 1.0)[..., None, None]
+        elif isinstance(m, Stiefel):
+            new = m.retract(W, exact=True)
+        else:
+            new = m.retract(W)
+        out.append(new.reshape(jnp.shape(x)).astype(jnp.result_type(x)))
+    return jax.tree.unflatten(treedef, out)
+
+
+def _find_states(tree, cls):
+    found = []
+
+    def visit(x):
+        if isinstance(x, cls):
+            found.append(x)
+            return True
+        return False
+
+    jax.tree.leaves(tree, is_leaf=visit)
+    return found
+
+
+def diagnostics(params, manifold_spec, opt_state=None, directions=None) -> dict:
+    """Per manifold leaf (keyed by path): ``distance`` to the manifold, and if given, the
+    ``multiplier_norm`` (from the ``dual_ascent`` state inside ``opt_state``) and the relative
+    ``tangent_violation`` of ``directions`` (e.g. the ``dual_ascent`` output). Call it outside
+    ``jit`` for logging, or inside and log the arrays."""
+    manifolds = resolve_manifolds(manifold_spec, params)
+    leaves = jax.tree.leaves(params)
+    paths = _paths(params)
+    states = _find_states(opt_state, DualAscentState) if opt_state is not None else []
+    d_leaves = jax.tree.leaves(directions) if directions is not None else None
+    out = {}
+    for i, (p, x, m) in enumerate(zip(paths, leaves, manifolds, strict=True)):
+        if m is None:
+            continue
+        W = _as_matrix(jnp.asarray(x, jnp.float32))
+        entry = {"distance": m.distance(W)}
+        if states and len(states[0].leaves) == len(leaves):
+            entry["multiplier_norm"] = jnp.linalg.norm(states[0].leaves[i].y)
+        if d_leaves is not None:
+            phi = jnp.asarray(d_leaves[i], jnp.float32).reshape(W.shape)
+            aux = None
+            if isinstance(m, SpectralSphere) and states:
+                aux = Aux(states[0].leaves[i].v)
+            entry["tangent_violation"] = jnp.max(m.tangent_violation(W, phi, aux))
+        out[p] = entry
+    return out

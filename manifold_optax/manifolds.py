@@ -1,0 +1,575 @@
+"""Matrix manifolds for manifold Muon: one template, several manifolds (MATH.md §3).
+
+At a point ``W`` the steepest unit step under the spectral norm that stays tangent solves
+``max tr(GᵀΦ)`` s.t. ``‖Φ‖₂ ≤ 1``, ``C_W(Φ) = 0``. Lagrangian duality gives
+``Φ = msign(G + C_W*(Y))`` with ``Y`` minimizing the convex dual ``‖G + C_W*(Y)‖_*``, whose
+gradient is the constraint residual ``C_W(Φ)``. A manifold is therefore described by its
+constraint ``C_W``, the adjoint ``C_W*`` (``⟨Y, C_W(Φ)⟩ = ⟨C_W*(Y), Φ⟩``), a multiplier, and a
+retraction; solvers differ only in how they find ``Y``:
+
+* ``"exact"`` — spheres: safeguarded regula falsi (Illinois) on the nondecreasing scalar
+  ``h(λ) = ⟨Θ, msign(G + λΘ)⟩``; Stiefel: Su's fixed point accelerated by Anderson mixing
+  (converges at every aspect ratio; square Stiefel uses the closed form
+  ``Φ = W·msign(skew(WᵀG))``);
+* ``"fixed_point"`` — Stiefel: Su's Lyapunov fixed point (fast for tall, skinny matrices);
+* ``"dual_ascent"`` — ``k`` steps ``Y ← Y − η₂·C_W(Φ)`` from a warm start, on a normalized G;
+* ``"online"`` — one such step per training step, ``Y`` carried in the optimizer state.
+
+Manifold objects are frozen dataclasses: hashable static configuration, leaves in any tree
+prefix, never traced. Arrays are ``[*batch, n, m]``; 0-D/1-D leaves are only valid for
+:class:`Sphere` (treated as a ``(1, d)`` matrix, Su's hypersphere).
+
+References: Su Jianlin, "Steepest descent on manifolds" parts 1–5 (kexue.fm, 2025; seeds
+000/001); Bernstein, "Modular Manifolds" (Thinking Machines, 2025).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from manifold_optax.linalg import msign, top_singular_subspace
+
+__all__ = ["Manifold", "Sphere", "SpectralSphere", "Stiefel", "SolverConfig", "SOLVERS"]
+
+HIGHEST = jax.lax.Precision.HIGHEST
+SOLVERS = ("exact", "fixed_point", "dual_ascent", "online")
+
+
+def _mm(a, b):
+    return jnp.matmul(a, b, precision=HIGHEST)
+
+
+def _t(x):
+    return jnp.swapaxes(x, -1, -2)
+
+
+def _sym(a):
+    return 0.5 * (a + _t(a))
+
+
+def _skew(a):
+    return 0.5 * (a - _t(a))
+
+
+def _inner(a, b):
+    return jnp.sum(a * b, axis=(-2, -1))
+
+
+def _fro(a):
+    return jnp.sqrt(_inner(a, a))
+
+
+@dataclasses.dataclass(frozen=True)
+class SolverConfig:
+    """Options of the multiplier solvers.
+
+    Attributes:
+      ns_steps: Newton–Schulz steps of every msign inside a solver (10 Polar Express steps is
+        float32-accurate).
+      max_iters: iteration cap of the exact / fixed-point solvers.
+      tol: relative tangent violation at which exact solvers stop.
+      inner_steps: dual-ascent steps per call (``"dual_ascent"``).
+      dual_learning_rate: ``η₂`` of the dual step, in units of the normalized gradient
+        (``None``: the manifold's ``default_dual_learning_rate``: 0.5 spheres, 0.1 Stiefel).
+      cg_iters: conjugate-gradient iterations per Newton step (Stiefel ``"exact"``).
+      power_iters: power iterations for the spectral sphere's ``Θ`` (cold start: 4× this).
+    """
+
+    ns_steps: int = 10
+    max_iters: int = 200
+    tol: float = 1e-6
+    inner_steps: int = 20
+    dual_learning_rate: float | None = None
+    cg_iters: int = 30
+    power_iters: int = 10
+
+
+class Aux(NamedTuple):
+    """Per-matrix auxiliary state: the spectral sphere's top right singular vector."""
+
+    v: Any
+
+
+class Manifold:
+    """The template. Subclasses define the constraint, its adjoint, the multiplier and the
+    retraction; :meth:`steepest_direction` is shared."""
+
+    vector_ok: bool = False
+    scalar_multiplier: bool = True
+    #: Dual step η₂ used when none is given (measured: fastest stable online convergence).
+    default_dual_learning_rate: float = 0.5
+
+    # --- geometry -------------------------------------------------------------------------
+    def theta(self, W, aux: Aux | None = None):  # scalar-multiplier manifolds
+        raise NotImplementedError
+
+    def constraint(self, W, Phi, theta=None):
+        """``C_W(Φ)``."""
+        if theta is None:
+            theta = self.theta(W)
+        return _inner(theta, Phi)
+
+    def adjoint(self, W, Y, theta=None):
+        """``C_W*(Y)``."""
+        if theta is None:
+            theta = self.theta(W)
+        return Y[..., None, None] * theta
+
+    def multiplier_shape(self, shape):
+        return tuple(shape[:-2])
+
+    def init_aux(self, W) -> Aux:
+        return Aux(v=jnp.zeros(W.shape[:-2] + (0,), jnp.float32))
+
+    def update_aux(self, W, aux: Aux, iters: int) -> Aux:
+        return aux
+
+    def retract(self, W, aux: Aux | None = None):
+        raise NotImplementedError
+
+    def distance(self, W):
+        """Relative distance to the manifold (0 on it)."""
+        raise NotImplementedError
+
+    def tangent_violation(self, W, Phi, aux: Aux | None = None):
+        """``‖C_W(Φ)‖_F / ‖Φ‖_F`` per matrix (scale-free)."""
+        theta = self.theta(W, aux)
+        c = self.constraint(W, Phi, theta)
+        c = jnp.abs(c) if c.ndim == Phi.ndim - 2 else _fro(c)
+        return c / jnp.maximum(_fro(Phi), 1e-30)
+
+    def project_tangent(self, W, Phi, aux: Aux | None = None):
+        """Orthogonal projection of Φ onto the tangent space at W."""
+        theta = self.theta(W, aux)
+        t2 = _inner(theta, theta)
+        return (
+            Phi - (self.constraint(W, Phi, theta) / jnp.maximum(t2, 1e-30))[..., None, None] * theta
+        )
+
+    # --- solvers --------------------------------------------------------------------------
+    def steepest_direction(self, G, W, solver: str = "exact", *, Y=None, aux=None, config=None):
+        """``argmax tr(GᵀΦ)`` s.t. ``‖Φ‖₂ ≤ 1`` and ``C_W(Φ) = 0`` (``Φ`` in ``W``'s dtype).
+
+        ``Y`` (warm start) and ``aux`` are used by the iterative solvers; see
+        :meth:`solve` for the multiplier too.
+        """
+        Phi, _, _ = self.solve(G, W, solver, Y=Y, aux=aux, config=config)
+        return Phi
+
+    def solve(self, G, W, solver: str = "exact", *, Y=None, aux=None, config=None):
+        """Return ``(Φ, Y, aux)``: the direction, the multiplier (in units of the normalized G)
+        and the updated auxiliary state."""
+        if solver not in SOLVERS:
+            raise ValueError(f"unknown solver {solver!r}; accepted: {SOLVERS}")
+        config = config or SolverConfig()
+        W, G, out_dtype, unflat = self._as_matrices(W, G)
+        if aux is None:
+            aux = self.update_aux(W, self.init_aux(W), 4 * config.power_iters)
+        else:
+            aux = self.update_aux(W, aux, config.power_iters)
+        # Normalize G: the dual step is not scale invariant; Y lives in these units.
+        scale = _fro(G) / math.sqrt(min(G.shape[-2:]))
+        scale = jnp.where(scale > 0, scale, 1.0)
+        Gn = G / scale[..., None, None]
+        if Y is None:
+            Y = self.initial_multiplier(Gn, W, aux)
+        else:
+            Y = jnp.asarray(Y, jnp.float32)
+        Phi, Y = self._solve(Gn, W, Y, aux, solver, config)
+        if solver in ("exact", "fixed_point"):
+            # Final feasibility polish: remove the float32 floor of the iteration's residual by
+            # projecting onto the tangent space and rescaling to ‖Φ‖₂ ≤ 1 (moves Φ by
+            # O(residual); the duality gap certifies the result).
+            Phi = self.project_tangent(W, Phi, aux)
+            s1 = jnp.linalg.svd(Phi, compute_uv=False)[..., 0]
+            Phi = Phi / jnp.maximum(s1, 1.0)[..., None, None]
+        return unflat(Phi.astype(out_dtype)), Y, aux
+
+    def _as_matrices(self, W, G):
+        W = jnp.asarray(W)
+        out_dtype = W.dtype
+        if W.ndim < 2:
+            shape = W.shape
+            W, G = W.reshape(1, -1), jnp.asarray(G).reshape(1, -1)
+            unflat = lambda x: x.reshape(shape)
+        else:
+            unflat = lambda x: x
+        return W.astype(jnp.float32), jnp.asarray(G).astype(jnp.float32), out_dtype, unflat
+
+    def initial_multiplier(self, Gn, W, aux):
+        theta = self.theta(W, aux)
+        return -_inner(theta, Gn) / jnp.maximum(_inner(theta, theta), 1e-30)
+
+    def _msign(self, Z, config):
+        return msign(Z, steps=config.ns_steps, precision=HIGHEST)
+
+    def _solve(self, Gn, W, Y, aux, solver, config):
+        theta = self.theta(W, aux)
+        if solver in ("dual_ascent", "online"):
+            steps = 1 if solver == "online" else config.inner_steps
+            return self._dual_ascent(Gn, W, Y, theta, steps, config)
+        return self._scalar_exact(Gn, theta, config)
+
+    def _dual_ascent(self, Gn, W, Y, theta, steps, config):
+        eta = config.dual_learning_rate or self.default_dual_learning_rate
+
+        def body(k, Y):
+            Phi = self._msign(Gn + self.adjoint(W, Y, theta), config)
+            lr = eta * (1.0 - k / (steps + 1.0)) if steps > 1 else eta
+            return Y - lr * self.constraint(W, Phi, theta)
+
+        Y = jax.lax.fori_loop(0, steps, body, Y)
+        Phi = self._msign(Gn + self.adjoint(W, Y, theta), config)
+        return Phi, Y
+
+    def _scalar_exact(self, Gn, theta, config):
+        """Illinois regula falsi on ``h(λ) = ⟨Θ, msign(Gn + λΘ)⟩`` (nondecreasing)."""
+        t2 = jnp.maximum(_inner(theta, theta), 1e-30)
+        h = lambda lam: _inner(theta, self._msign(Gn + lam[..., None, None] * theta, config))
+        lam0 = -_inner(theta, Gn) / t2
+        width = (_fro(Gn) + 1.0) / jnp.sqrt(t2)
+
+        # Bracket: grow [lam0 - w, lam0 + w] until h changes sign (h(±∞) = ±‖Θ‖_*).
+        def grow(c):
+            w, lo, hi, hlo, hhi, i = c
+            w = jnp.where((hlo > 0) | (hhi < 0), 2 * w, w)
+            lo, hi = lam0 - w, lam0 + w
+            return w, lo, hi, h(lo), h(hi), i + 1
+
+        lo, hi = lam0 - width, lam0 + width
+        c = (width, lo, hi, h(lo), h(hi), 0)
+        c = jax.lax.while_loop(lambda c: jnp.any((c[3] > 0) | (c[4] < 0)) & (c[5] < 60), grow, c)
+        _, lo, hi, hlo, hhi, _ = c
+
+        def step(c):
+            lo, hi, hlo, hhi, side, i = c
+            mid = (lo * hhi - hi * hlo) / jnp.where(hhi - hlo > 0, hhi - hlo, 1.0)
+            mid = jnp.where((mid > lo) & (mid < hi), mid, 0.5 * (lo + hi))
+            hm = h(mid)
+            go_lo = hm > 0  # root in [lo, mid]
+            new_lo = jnp.where(go_lo, lo, mid)
+            new_hi = jnp.where(go_lo, mid, hi)
+            new_hlo = jnp.where(go_lo, jnp.where(side == 1, 0.5 * hlo, hlo), hm)
+            new_hhi = jnp.where(go_lo, hm, jnp.where(side == -1, 0.5 * hhi, hhi))
+            side = jnp.where(go_lo, -1, 1)
+            return new_lo, new_hi, new_hlo, new_hhi, side, i + 1
+
+        def not_done(c):
+            lo, hi, hlo, hhi, _, i = c
+            err = jnp.minimum(jnp.abs(hlo), jnp.abs(hhi)) / jnp.sqrt(t2)
+            return jnp.any((err > config.tol) & (hi - lo > 1e-7 * (jnp.abs(hi) + jnp.abs(lo)))) & (
+                i < config.max_iters
+            )
+
+        side = jnp.zeros_like(lo, jnp.int32)
+        lo, hi, hlo, hhi, _, _ = jax.lax.while_loop(not_done, step, (lo, hi, hlo, hhi, side, 0))
+        lam = jnp.where(jnp.abs(hlo) < jnp.abs(hhi), lo, hi)
+        # Interpolate once more inside the final bracket for the last digits.
+        lam = jnp.where(
+            hhi - hlo > 0, (lo * hhi - hi * hlo) / jnp.where(hhi - hlo > 0, hhi - hlo, 1.0), lam
+        )
+        lam = jnp.clip(lam, lo, hi)
+        Phi = self._msign(Gn + lam[..., None, None] * theta, config)
+        return Phi, lam
+
+    def check_leaf(self, x, path: str) -> None:
+        """ValueError naming ``path`` if this manifold cannot hold a leaf like ``x``."""
+        if jnp.ndim(x) < 2 and not self.vector_ok:
+            raise ValueError(
+                f"parameter {path!r} has shape {jnp.shape(x)}: {type(self).__name__} needs a "
+                "matrix (at least 2 axes); use Sphere for vectors or assign None"
+            )
+        dt = jnp.result_type(x)
+        if not jnp.issubdtype(dt, jnp.floating):
+            raise ValueError(
+                f"parameter {path!r} has dtype {dt}: manifolds need real floating parameters"
+            )
+
+
+@dataclasses.dataclass(frozen=True)
+class Sphere(Manifold):
+    """``‖W‖_F = r`` (per matrix; vectors allowed: Su's hypersphere).
+
+    ``C_W(Φ) = ⟨Θ, Φ⟩`` with ``Θ = W/‖W‖_F``, ``C_W*(λ) = λΘ``, retraction ``r·V/‖V‖_F``.
+    A shape-aware radius keeps entries O(1/√fan_in): e.g. ``Sphere(radius=√fan_out)`` makes
+    the RMS entry ``1/√fan_in`` (radius 1 on a 256×256 matrix gives entries ≈ 1/256).
+    """
+
+    radius: float = 1.0
+    vector_ok = True
+
+    def theta(self, W, aux=None):
+        W = W.astype(jnp.float32)
+        n = _fro(W)
+        return W / jnp.where(n > 0, n, 1.0)[..., None, None]
+
+    def retract(self, W, aux=None):
+        W32 = jnp.asarray(W, jnp.float32)
+        Wm = W32 if W32.ndim >= 2 else W32.reshape(1, -1)
+        n = _fro(Wm)
+        out = self.radius * Wm / jnp.where(n > 0, n, 1.0)[..., None, None]
+        return out.reshape(jnp.shape(W)).astype(jnp.result_type(W))
+
+    def distance(self, W):
+        W32 = jnp.asarray(W, jnp.float32)
+        Wm = W32 if W32.ndim >= 2 else W32.reshape(1, -1)
+        return jnp.max(jnp.abs(_fro(Wm) - self.radius)) / self.radius
+
+
+@dataclasses.dataclass(frozen=True)
+class SpectralSphere(Manifold):
+    """``‖W‖₂ = r``. ``Θ = u₁v₁ᵀ`` (top singular pair, power iteration warm-started from the
+    state), ``C_W(Φ) = ⟨Θ, Φ⟩``, ``C_W*(λ) = λΘ``; retraction ``r·V/‖V‖₂`` (a rescaling, not
+    the nearest point). ``Θ`` needs a simple top singular value (MATH.md §3)."""
+
+    radius: float = 1.0
+
+    block: int = 8
+
+    def _p(self, shape):
+        return max(1, min(self.block, shape[-2], shape[-1]))
+
+    def init_aux(self, W):
+        return Aux(v=jnp.zeros(W.shape[:-2] + (W.shape[-1], self._p(W.shape)), jnp.float32))
+
+    def update_aux(self, W, aux, iters):
+        """Warm-started subspace iteration; ``aux.v`` holds the ``[*batch, cols, p]`` block."""
+        V0 = aux.v
+        cold = aux.v.shape[-1] == 0 or V0.shape[-2] != W.shape[-1]
+        if cold:
+            _, u, v, V = top_singular_subspace(W, None, iters, self.block)
+        else:
+            # An all-zero block (fresh state) gets a deterministic cold start instead.
+            fresh = jnp.all(V0 == 0)
+            V0 = jnp.where(fresh, _cold_block(W, V0.shape[-1]), V0)
+            _, u, v, V = top_singular_subspace(W, V0, iters, self.block)
+        return Aux(v=V)
+
+    def _pair(self, W, aux):
+        sigma, u, v, _ = top_singular_subspace(W, aux.v, 0, self.block)
+        return sigma, u, v
+
+    def theta(self, W, aux=None):
+        W = W.astype(jnp.float32)
+        if aux is None:
+            aux = self.update_aux(W, self.init_aux(W), 40)
+        _, u, v = self._pair(W, aux)
+        return u[..., :, None] * v[..., None, :]
+
+    def retract(self, W, aux=None, iters: int = 10):
+        W32 = jnp.asarray(W, jnp.float32)
+        if aux is None:
+            aux = self.update_aux(W32, self.init_aux(W32), 40)
+        s, _, _ = self._pair(W32, aux)
+        out = self.radius * W32 / jnp.where(s > 0, s, 1.0)[..., None, None]
+        return out.astype(jnp.result_type(W))
+
+    def distance(self, W):
+        s = jnp.linalg.svd(jnp.asarray(W, jnp.float32), compute_uv=False)[..., 0]
+        return jnp.max(jnp.abs(s - self.radius)) / self.radius
+
+
+def _cold_block(W, p):
+    """A deterministic start block: the first p rows of W plus a fixed small random block."""
+    cols = W.shape[-1]
+    rows = W[..., :p, :] if W.shape[-2] >= p else jnp.zeros(W.shape[:-2] + (p, cols), W.dtype)
+    noise = jax.random.normal(jax.random.PRNGKey(0), W.shape[:-2] + (cols, p), W.dtype)
+    return _t(rows) + 1e-2 * noise * (jnp.max(jnp.abs(W), axis=(-2, -1), keepdims=True) + 1e-30)
+
+
+@dataclasses.dataclass(frozen=True)
+class Stiefel(Manifold):
+    """Orthonormal columns when tall (``WᵀW = I``), orthonormal rows when wide; both when square.
+
+    Tall form (wide inputs are transposed): ``C_W(Φ) = sym(WᵀΦ)`` (m×m),
+    ``C_W*(X) = WX`` for symmetric ``X``, retraction ``msign(V)`` (the polar factor, the nearest
+    point). ``retract_steps`` quintic Newton–Schulz steps polish a nearly orthonormal ``V``
+    (the training step); a far-off ``V`` (``project_params``) gets the full msign first.
+    """
+
+    retract_steps: int = 3
+    scalar_multiplier = False
+    default_dual_learning_rate = 0.1
+
+    # Everything below works on the tall orientation.
+    @staticmethod
+    def _tall(x):
+        return _t(x) if x.shape[-2] < x.shape[-1] else x
+
+    def multiplier_shape(self, shape):
+        m = min(shape[-2:])
+        return tuple(shape[:-2]) + (m, m)
+
+    def constraint(self, W, Phi, theta=None):
+        W, Phi = self._tall(W), self._tall(Phi)
+        return _sym(_mm(_t(W), Phi))
+
+    def adjoint(self, W, Y, theta=None):
+        wide = W.shape[-2] < W.shape[-1]
+        out = _mm(self._tall(W), _sym(Y))
+        return _t(out) if wide else out
+
+    def theta(self, W, aux=None):
+        return None
+
+    def tangent_violation(self, W, Phi, aux=None):
+        return _fro(self.constraint(W, Phi)) / jnp.maximum(_fro(Phi), 1e-30)
+
+    def project_tangent(self, W, Phi, aux=None):
+        wide = W.shape[-2] < W.shape[-1]
+        Wt, Pt = self._tall(W), self._tall(Phi)
+        out = Pt - _mm(Wt, _sym(_mm(_t(Wt), Pt)))
+        return _t(out) if wide else out
+
+    def initial_multiplier(self, Gn, W, aux):
+        return -_sym(_mm(_t(self._tall(W)), self._tall(Gn)))
+
+    def _solve(self, Gn, W, Y, aux, solver, config):
+        wide = W.shape[-2] < W.shape[-1]
+        Wt, Gt = self._tall(W), self._tall(Gn)
+        n, m = Wt.shape[-2:]
+        if n == m and solver in ("exact", "fixed_point"):
+            # Closed form: Φ = W·msign(skew(WᵀG)), X = −sym(WᵀG).
+            WtG = _mm(_t(Wt), Gt)
+            Phi = _mm(Wt, self._msign(_skew(WtG), config))
+            X = -_sym(WtG)
+        elif solver in ("dual_ascent", "online"):
+            steps = 1 if solver == "online" else config.inner_steps
+            Phi, X = self._dual_ascent(Gt, Wt, Y, None, steps, config)
+        elif solver == "fixed_point":
+            Phi, X = _stiefel_fixed_point(Gt, Wt, Y, config)
+        else:
+            Phi, X = _stiefel_anderson(Gt, Wt, Y, config)
+        return (_t(Phi) if wide else Phi), X
+
+    def retract(self, W, aux=None, *, exact: bool | None = None):
+        W32 = jnp.asarray(W, jnp.float32)
+        wide = W32.shape[-2] < W32.shape[-1]
+        X = self._tall(W32)
+        m = X.shape[-1]
+        if exact is None or exact:
+            # Far from the manifold: full polar factor first (float32-accurate msign).
+            X = msign(X, steps=10, precision=HIGHEST)
+        # Normalize by the RMS singular value, then quintic Newton–Schulz (cubic convergence
+        # to the polar factor for σ ∈ (0, ~1.5)).
+        A = _mm(_t(X), X)
+        c = jnp.sqrt(jnp.trace(A, axis1=-2, axis2=-1) / m)
+        X = X / jnp.where(c > 0, c, 1.0)[..., None, None]
+        for _ in range(self.retract_steps):
+            A = _mm(_t(X), X)
+            X = 1.875 * X + _mm(X, -1.25 * A + 0.375 * _mm(A, A))
+        X = _t(X) if wide else X
+        return X.astype(jnp.result_type(W))
+
+    def distance(self, W):
+        Wt = self._tall(jnp.asarray(W, jnp.float32))
+        m = Wt.shape[-1]
+        return jnp.max(jnp.abs(_mm(_t(Wt), Wt) - jnp.eye(m, dtype=jnp.float32)))
+
+
+# ---- Stiefel solvers (tall W, n > m) ------------------------------------------------------
+
+
+def _polar_svd(Z):
+    U, s, Vt = jnp.linalg.svd(Z, full_matrices=False)
+    return U, s, _t(Vt)
+
+
+def _stiefel_residual(Wt, Phi):
+    return _sym(_mm(_t(Wt), Phi))
+
+
+def _su_map(G, W, WtG, X):
+    """One step of Su's fixed point; returns ``(F(X), Φ(X), residual(X))``."""
+    m = W.shape[-1]
+    U, s, V = _polar_svd(G + _mm(W, X))
+    Phi = _mm(U, _t(V))
+    Q = _mm(V * s[None, :], _t(V))
+    rhs = _mm(_mm(_t(V), _sym(_mm(Q, WtG))), V)
+    denom = s[:, None] + s[None, :]
+    Fx = -2.0 * _mm(_mm(V, rhs / jnp.maximum(denom, 1e-30)), _t(V))
+    R = _stiefel_residual(W, Phi)
+    return _sym(Fx), Phi, jnp.sqrt(jnp.sum(R * R)) / math.sqrt(m)
+
+
+def _vmap_batch(f, batch):
+    for _ in batch:
+        f = jax.vmap(f)
+    return f
+
+
+def _stiefel_anderson(Gt, Wt, X0, config, depth: int = 12):
+    """Su's fixed point accelerated by Anderson mixing (type II, depth ``depth``).
+
+    The plain fixed point needs hundreds to thousands of iterations when n/m is near 1–2;
+    Anderson extrapolation over the last ``depth`` iterates cuts that to a few dozen (one SVD
+    of ``G + WX`` each). History is kept in fixed-size buffers so the loop jit-compiles.
+    """
+    m = Wt.shape[-1]
+    d = depth
+
+    def one(G, W, X):
+        WtG = _mm(_t(W), G)
+        Xh = jnp.zeros((d + 1, m * m), W.dtype)
+        Fh = jnp.zeros((d + 1, m * m), W.dtype)
+
+        def body(c):
+            X, Xh, Fh, k, best = c
+            Fx, Phi, res = _su_map(G, W, WtG, X)
+            improved = res < best[0]
+            best = jax.tree.map(
+                lambda new, old: jnp.where(improved, new, old), (res, Phi, X, k), best
+            )
+            x, f = X.reshape(-1), (Fx - X).reshape(-1)
+            Xh = jnp.roll(Xh, -1, axis=0).at[-1].set(x)
+            Fh = jnp.roll(Fh, -1, axis=0).at[-1].set(f)
+            dX, dF = (Xh[1:] - Xh[:-1]).T, (Fh[1:] - Fh[:-1]).T  # (m², d)
+            valid = (jnp.arange(d) >= d - k).astype(W.dtype)
+            dX, dF = dX * valid, dF * valid
+            # Least squares min‖f − dF·γ‖ by QR (normal equations would square the
+            # conditioning and stall in float32); unused columns are unit vectors → γ = 0.
+            pad = jnp.zeros((d, d), W.dtype).at[jnp.arange(d), jnp.arange(d)].set(1.0 - valid)
+            Qf, Rf = jnp.linalg.qr(jnp.concatenate([dF, pad], axis=0))
+            Rf = Rf + jnp.diag(1e-12 * (jnp.abs(jnp.diag(Rf)).max() + 1e-30) * jnp.ones(d))
+            rhs = _mm(_t(Qf), jnp.concatenate([f, jnp.zeros(d, W.dtype)])[:, None])
+            gamma = jax.scipy.linalg.solve_triangular(Rf, rhs, lower=False)[:, 0] * valid
+            xn = x + f - _mm(dX + dF, gamma[:, None])[:, 0]
+            return _sym(xn.reshape(m, m)), Xh, Fh, k + 1, best
+
+        def go_on(c):
+            _, _, _, k, (res, _, _, k_best) = c
+            # Stop at the tolerance, the cap, or when float32 round-off stalls the iteration.
+            return (res > config.tol) & (k < config.max_iters) & (k - k_best <= 15)
+
+        best = (jnp.asarray(jnp.inf, W.dtype), jnp.zeros_like(G), X, 0)
+        c = jax.lax.while_loop(go_on, body, (X, Xh, Fh, 0, best))
+        _, Phi, Xb, _ = c[4]
+        return Phi, Xb, c[3]
+
+    Phi, X, iters = _vmap_batch(one, Gt.shape[:-2])(Gt, Wt, _sym(X0))
+    return Phi, X
+
+
+def _stiefel_fixed_point(Gt, Wt, X0, config):
+    """Su's fixed point (part 3): with ``Z = G + WX = UΣVᵀ``, ``Q = VΣVᵀ``, solve the Lyapunov
+    equation ``QX + XQ = −2·sym(QWᵀG)`` in the SVD basis, ``X = −2V[(Vᵀsym(QWᵀG)V) ⊘
+    (σ_i + σ_j)]Vᵀ``, and repeat."""
+
+    def one(G, W, X):
+        WtG = _mm(_t(W), G)
+
+        def body(c):
+            X, k, _, _ = c
+            Fx, Phi, res = _su_map(G, W, WtG, X)
+            return Fx, k + 1, res, Phi
+
+        c = (X, 0, jnp.inf, jnp.zeros_like(G))
+        c = jax.lax.while_loop(lambda c: (c[2] > config.tol) & (c[1] < config.max_iters), body, c)
+        return c[3], c[0]
+
+    return _vmap_batch(one, Gt.shape[:-2])(Gt, Wt, _sym(X0))

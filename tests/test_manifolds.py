@@ -1,0 +1,223 @@
+"""Manifold Muon: optimality of the exact solvers against a float64 SVD certificate, the online
+solver, retractions, training on the manifold, the explicit chain, and bad input."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import manifold_optax as mo
+
+MANIFOLDS = [mo.Stiefel(), mo.SpectralSphere(2.0), mo.Sphere(3.0)]
+SHAPES = [(64, 32), (32, 64), (40, 40), (64, 60), (200, 24)]
+
+
+def _point(m, shape, rng):
+    return mo.project_params(jnp.asarray(rng.standard_normal(shape), jnp.float32), m)
+
+
+def _nuclear64(x):
+    return np.linalg.svd(np.asarray(x, np.float64), compute_uv=False).sum()
+
+
+def _dual_bound(m, G, W, Y, aux):
+    """‖G + C_W*(Y)‖_* in float64 (Y is in normalized-gradient units: rescale it)."""
+    G64 = np.asarray(G, np.float64)
+    scale = np.linalg.norm(G64) / np.sqrt(min(G64.shape))
+    if isinstance(m, mo.Stiefel):
+        W64 = np.asarray(W, np.float64)
+        Y64 = np.asarray(Y, np.float64)
+        Y64 = (Y64 + Y64.T) / 2
+        adj = W64 @ Y64 if W64.shape[0] >= W64.shape[1] else (W64.T @ Y64).T
+    else:
+        adj = float(Y) * np.asarray(m.theta(W, aux), np.float64)
+    return _nuclear64(G64 + scale * adj)
+
+
+@pytest.mark.parametrize("m", MANIFOLDS, ids=lambda m: type(m).__name__)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_exact_direction_is_optimal(m, shape, rng):
+    W = _point(m, shape, rng)
+    G = jnp.asarray(rng.standard_normal(shape), jnp.float32)
+    Phi, Y, aux = jax.jit(lambda G, W: m.solve(G, W, "exact"))(G, W)
+    value = float(np.sum(np.asarray(G, np.float64) * np.asarray(Phi, np.float64)))
+    bound = _dual_bound(m, G, W, Y, aux)
+    # Weak duality: value ≤ OPT ≤ bound for feasible Φ, so a small gap certifies optimality.
+    assert abs(bound - value) / bound <= 1e-4
+    Phi64 = np.asarray(Phi, np.float64)
+    if isinstance(m, mo.Stiefel):
+        W64 = np.asarray(W, np.float64)
+        Wt, Pt = (W64, Phi64) if shape[0] >= shape[1] else (W64.T, Phi64.T)
+        C = Wt.T @ Pt
+        tv = np.linalg.norm(C + C.T) / 2 / np.linalg.norm(Phi64)
+    else:
+        tv = abs(np.sum(np.asarray(m.theta(W, aux), np.float64) * Phi64)) / np.linalg.norm(Phi64)
+    assert tv <= 1e-5
+    assert np.linalg.svd(Phi64, compute_uv=False)[0] <= 1 + 1e-4
+
+
+def test_square_stiefel_closed_form(rng):
+    m = mo.Stiefel()
+    W = _point(m, (24, 24), rng)
+    G = jnp.asarray(rng.standard_normal((24, 24)), jnp.float32)
+    Phi = m.steepest_direction(G, W, "exact")
+    WtG = np.asarray(W, np.float64).T @ np.asarray(G, np.float64)
+    ref = np.asarray(W, np.float64) @ np.asarray(mo.msign_svd(jnp.asarray((WtG - WtG.T) / 2)))
+    np.testing.assert_allclose(Phi, ref, atol=1e-4)
+
+
+def test_fixed_point_and_dual_ascent_approach_exact(rng):
+    m = mo.Stiefel()
+    W = _point(m, (96, 16), rng)
+    G = jnp.asarray(rng.standard_normal((96, 16)), jnp.float32)
+    exact = float(jnp.vdot(G, m.steepest_direction(G, W, "exact")))
+    fp = float(jnp.vdot(G, m.steepest_direction(G, W, "fixed_point")))
+    assert abs(fp - exact) / exact < 1e-4
+    phi_da = m.steepest_direction(G, W, "dual_ascent")
+    assert float(m.tangent_violation(W, phi_da)) < 2e-2
+
+
+@pytest.mark.parametrize("m", MANIFOLDS, ids=lambda m: type(m).__name__)
+def test_online_multiplier_converges_with_fixed_W_and_G(m, rng):
+    shape = (48, 16)
+    W = _point(m, shape, rng)
+    G = jnp.asarray(rng.standard_normal(shape), jnp.float32)
+    tx = mo.dual_ascent(m, "online")  # default η₂ per manifold
+    state = tx.init(W)
+    step = jax.jit(tx.update)
+    viol = []
+    for _ in range(400):
+        phi, state = step(G, state, W)
+        viol.append(float(m.tangent_violation(W, phi, mo.manifolds.Aux(state.leaves[0].v))))
+    first = next(i for i, v in enumerate(viol) if v < 1e-4)
+    # Measured: spheres < 10 steps, Stiefel ≈ 170 steps.
+    assert max(viol[first:]) < 1e-4, (first, viol[-1])
+
+
+def _train(m, solver, steps, rng):
+    x = jnp.asarray(rng.standard_normal((128, 24)), jnp.float32)
+    t = jnp.tanh(x @ jnp.asarray(rng.standard_normal((24, 12)) / 5, jnp.float32))
+    y = t @ jnp.asarray(rng.standard_normal((12, 3)), jnp.float32)
+    params = {
+        "w1": jnp.asarray(rng.standard_normal((24, 12)), jnp.float32),
+        "w2": jnp.asarray(rng.standard_normal((12, 3)), jnp.float32),
+        "b": jnp.zeros(3),
+    }
+    params = mo.project_params(params, m)
+    tx = mo.manifold_muon(0.03, m, solver=solver)
+    state = tx.init(params)
+
+    def loss(p):
+        return jnp.mean((jnp.tanh(x @ p["w1"]) @ p["w2"] + p["b"] - y) ** 2)
+
+    @jax.jit
+    def step(p, s):
+        value, g = jax.value_and_grad(loss)(p)
+        u, s = tx.update(g, s, p)
+        return optax.apply_updates(p, u), s, value
+
+    losses = []
+    for _ in range(steps):
+        params, state, value = step(params, state)
+        losses.append(float(value))
+    return params, losses
+
+
+@pytest.mark.parametrize(
+    "m, tol",
+    [(mo.Stiefel(), 1e-5), (mo.SpectralSphere(2.0), 1e-5), (mo.Sphere(3.0), 1e-6)],
+    ids=["stiefel", "spectral_sphere", "sphere"],
+)
+def test_training_keeps_params_on_manifold(m, tol, rng):
+    params, losses = _train(m, "online", 1000, rng)
+    assert losses[-1] < 0.8 * losses[0]
+    for k in ("w1", "w2"):
+        W = np.asarray(params[k], np.float64)
+        if isinstance(m, mo.Stiefel):
+            Wt = W if W.shape[0] >= W.shape[1] else W.T
+            assert np.abs(Wt.T @ Wt - np.eye(Wt.shape[1])).max() <= tol
+        elif isinstance(m, mo.SpectralSphere):
+            assert abs(np.linalg.svd(W, compute_uv=False)[0] - m.radius) / m.radius <= tol
+        else:
+            assert abs(np.linalg.norm(W) - m.radius) / m.radius <= tol
+
+
+def test_explicit_chain_equals_manifold_muon(rng):
+    m = mo.Stiefel()
+    params = {"w": _point(m, (32, 8), rng), "v": _point(m, (8, 16), rng)}
+    chain = optax.chain(
+        mo.momentum(0.9),
+        mo.dual_ascent(m, "online"),
+        optax.scale_by_learning_rate(0.05),
+        mo.retract(m),
+    )
+    alias = mo.manifold_muon(0.05, m, beta=0.9)
+    sc, sa = chain.init(params), alias.init(params)
+    for t in range(3):
+        g = jax.tree.map(lambda p: jnp.asarray(rng.standard_normal(p.shape), jnp.float32), params)
+        uc, sc = chain.update(g, sc, params)
+        ua, sa = alias.update(g, sa, params)
+        for a, b in zip(jax.tree.leaves(uc), jax.tree.leaves(ua), strict=True):
+            np.testing.assert_allclose(a, b, atol=1e-6)
+        params = optax.apply_updates(params, uc)
+
+
+def test_manifold_spec_forms_and_static_config(rng):
+    params = {"w": jnp.asarray(rng.standard_normal((8, 4)), jnp.float32), "b": jnp.ones(4)}
+    # A single manifold applies to matrices only; Sphere may be given to a vector explicitly.
+    assert mo.resolve_manifolds(mo.Stiefel(), params) == [None, mo.Stiefel()]
+    spec = {"w": mo.Stiefel(), "b": mo.Sphere(2.0)}
+    assert mo.resolve_manifolds(spec, params) == [mo.Sphere(2.0), mo.Stiefel()]
+    assert mo.resolve_manifolds(lambda p: spec, params) == [mo.Sphere(2.0), mo.Stiefel()]
+    assert hash(mo.Stiefel()) == hash(mo.Stiefel())
+    assert jax.tree.leaves(spec) == [mo.Sphere(2.0), mo.Stiefel()]  # leaves, not pytrees
+    projected = mo.project_params(params, spec)
+    assert float(mo.Sphere(2.0).distance(projected["b"])) < 1e-6
+    assert float(mo.Stiefel().distance(projected["w"])) < 1e-6
+
+
+@pytest.mark.parametrize("bad", [mo.Stiefel(), mo.SpectralSphere()])
+def test_vector_on_matrix_manifold_names_the_path(bad):
+    params = {"layer": {"kernel": jnp.eye(4), "bias": jnp.ones(4)}}
+    with pytest.raises(ValueError, match="layer/bias"):
+        mo.manifold_muon(0.1, {"layer": {"kernel": mo.Stiefel(), "bias": bad}}).init(params)
+    with pytest.raises(ValueError, match="layer/bias"):
+        mo.dual_ascent(lambda p: {"layer": {"kernel": None, "bias": bad}}).init(params)
+
+
+def test_spec_tree_mismatch_and_off_manifold_and_dtypes(rng):
+    params = {"w": mo.project_params(jnp.asarray(rng.standard_normal((8, 4))), mo.Stiefel())}
+    with pytest.raises(ValueError, match="does not match"):
+        mo.manifold_muon(0.1, {"v": mo.Stiefel()}).init(params)
+    with pytest.raises(ValueError, match="project_params"):
+        mo.manifold_muon(0.1, mo.Stiefel()).init({"w": params["w"] * 2})
+    # Under tracing the check is skipped (params are abstract).
+    jax.jit(mo.manifold_muon(0.1, mo.Stiefel()).init)({"w": params["w"] * 2})
+    with pytest.raises(ValueError, match="floating"):
+        mo.manifold_muon(0.1, {"w": mo.Sphere()}).init({"w": jnp.ones((3, 3), jnp.int32)})
+
+
+def test_diagnostics(rng):
+    m = mo.Stiefel()
+    params = {"w": _point(m, (16, 4), rng), "b": jnp.zeros(4)}
+    tx = mo.dual_ascent(m, "exact")
+    s = tx.init(params)
+    g = {"w": jnp.asarray(rng.standard_normal((16, 4)), jnp.float32), "b": jnp.ones(4)}
+    phi, s = tx.update(g, s, params)
+    d = mo.diagnostics(params, m, s, phi)
+    assert set(d) == {"w"}
+    assert float(d["w"]["distance"]) < 1e-5 and float(d["w"]["tangent_violation"]) < 1e-5
+    assert float(d["w"]["multiplier_norm"]) > 0
+
+
+def test_bfloat16_params_stay_close(rng):
+    m = mo.Sphere(1.0)
+    W = mo.project_params(jnp.asarray(rng.standard_normal((16, 8)), jnp.bfloat16), m)
+    tx = mo.manifold_muon(0.05, m)
+    s = tx.init(W)
+    u, s = tx.update(jnp.asarray(rng.standard_normal((16, 8)), jnp.bfloat16), s, W)
+    W2 = optax.apply_updates(W, u)
+    assert W2.dtype == jnp.bfloat16
+    # Computed in float32 and rounded once: the constraint error is bf16 rounding (≤ ~4e-3).
+    assert float(m.distance(W2)) < 1e-2
