@@ -154,7 +154,7 @@ def test_explicit_chain_equals_manifold_muon(rng):
     )
     alias = mo.manifold_muon(0.05, m, beta=0.9)
     sc, sa = chain.init(params), alias.init(params)
-    for t in range(3):
+    for _ in range(3):
         g = jax.tree.map(lambda p: jnp.asarray(rng.standard_normal(p.shape), jnp.float32), params)
         uc, sc = chain.update(g, sc, params)
         ua, sa = alias.update(g, sa, params)
