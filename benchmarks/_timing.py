@@ -8,16 +8,28 @@ import time
 import jax
 
 
-def time_interleaved(fns: dict, args: dict, reps: int = 7, warmup: int = 1) -> dict:
-    """Median wall time (seconds) of each jitted ``fns[k](*args[k])``, repetitions interleaved
-    so that slow drifts of the machine hit every candidate alike."""
+def time_interleaved(fns: dict, args: dict, reps: int = 7, warmup: int = 1,
+                     min_sample_s: float = 0.02) -> dict:
+    """Median wall time (seconds per call) of each jitted ``fns[k](*args[k])``.
+
+    Repetitions are interleaved so that slow drifts of the machine hit every candidate alike;
+    each sample runs a candidate enough times back to back to last ``min_sample_s`` (so
+    sub-millisecond calls are not dominated by timer and dispatch noise).
+    """
+    inner = {}
     for k, f in fns.items():
         for _ in range(warmup):
             jax.block_until_ready(f(*args[k]))
+        t0 = time.perf_counter()
+        jax.block_until_ready(f(*args[k]))
+        one = max(time.perf_counter() - t0, 1e-6)
+        inner[k] = max(1, int(min_sample_s / one))
     samples = {k: [] for k in fns}
     for _ in range(reps):
         for k, f in fns.items():
             t0 = time.perf_counter()
-            jax.block_until_ready(f(*args[k]))
-            samples[k].append(time.perf_counter() - t0)
+            for _ in range(inner[k]):
+                out = f(*args[k])
+            jax.block_until_ready(out)
+            samples[k].append((time.perf_counter() - t0) / inner[k])
     return {k: statistics.median(v) for k, v in samples.items()}

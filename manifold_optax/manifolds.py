@@ -179,7 +179,7 @@ class Manifold:
         if Y is None:
             Y = self.initial_multiplier(Gn, W, aux)
         else:
-            Y = jnp.asarray(Y, jnp.float32)
+            Y = jnp.asarray(Y, W.dtype)
         Phi, Y = self._solve(Gn, W, Y, aux, solver, config)
         if solver in ("exact", "fixed_point"):
             # Final feasibility polish: remove the float32 floor of the iteration's residual by
@@ -199,7 +199,8 @@ class Manifold:
             unflat = lambda x: x.reshape(shape)
         else:
             unflat = lambda x: x
-        return W.astype(jnp.float32), jnp.asarray(G).astype(jnp.float32), out_dtype, unflat
+        acc = jnp.float64 if out_dtype == jnp.float64 else jnp.float32
+        return W.astype(acc), jnp.asarray(G).astype(acc), out_dtype, unflat
 
     def initial_multiplier(self, Gn, W, aux):
         theta = self.theta(W, aux)
@@ -442,9 +443,9 @@ class Stiefel(Manifold):
             steps = 1 if solver == "online" else config.inner_steps
             Phi, X = self._dual_ascent(Gt, Wt, Y, None, steps, config)
         elif solver == "fixed_point":
-            Phi, X = _stiefel_fixed_point(Gt, Wt, Y, config)
+            Phi, X, _ = _stiefel_fixed_point(Gt, Wt, Y, config)
         else:
-            Phi, X = _stiefel_anderson(Gt, Wt, Y, config)
+            Phi, X, _ = _stiefel_anderson(Gt, Wt, Y, config)
         return (_t(Phi) if wide else Phi), X
 
     def retract(self, W, aux=None, *, exact: bool | None = None):
@@ -476,6 +477,16 @@ class Stiefel(Manifold):
 
 
 def _polar_svd(Z):
+    """Thin SVD ``Z = UΣVᵀ`` of a tall matrix. In float64, from the eigendecomposition of the
+    m×m Gram ``ZᵀZ`` (about 2× faster than an SVD; squaring the conditioning costs nothing at
+    float64's precision); in float32 from a true SVD (the Gram would lose small σ)."""
+    if Z.dtype == jnp.float64:
+        lam, V = jnp.linalg.eigh(_mm(_t(Z), Z))
+        lam, V = lam[..., ::-1], V[..., ::-1]
+        s = jnp.sqrt(jnp.maximum(lam, 0.0))
+        sf = jnp.maximum(s, s[..., :1] * 1e-14 + 1e-300)
+        U = _mm(Z, V) / sf[..., None, :]
+        return U, s, V
     U, s, Vt = jnp.linalg.svd(Z, full_matrices=False)
     return U, s, _t(Vt)
 
@@ -535,7 +546,7 @@ def _stiefel_anderson(Gt, Wt, X0, config, depth: int = 12):
             # conditioning and stall in float32); unused columns are unit vectors → γ = 0.
             pad = jnp.zeros((d, d), W.dtype).at[jnp.arange(d), jnp.arange(d)].set(1.0 - valid)
             Qf, Rf = jnp.linalg.qr(jnp.concatenate([dF, pad], axis=0))
-            Rf = Rf + jnp.diag(1e-12 * (jnp.abs(jnp.diag(Rf)).max() + 1e-30) * jnp.ones(d))
+            Rf = Rf + jnp.diag(1e-12 * (jnp.abs(jnp.diag(Rf)).max() + 1e-30) * jnp.ones(d, W.dtype))
             rhs = _mm(_t(Qf), jnp.concatenate([f, jnp.zeros(d, W.dtype)])[:, None])
             gamma = jax.scipy.linalg.solve_triangular(Rf, rhs, lower=False)[:, 0] * valid
             xn = x + f - _mm(dX + dF, gamma[:, None])[:, 0]
@@ -551,8 +562,7 @@ def _stiefel_anderson(Gt, Wt, X0, config, depth: int = 12):
         _, Phi, Xb, _ = c[4]
         return Phi, Xb, c[3]
 
-    Phi, X, iters = _vmap_batch(one, Gt.shape[:-2])(Gt, Wt, _sym(X0))
-    return Phi, X
+    return _vmap_batch(one, Gt.shape[:-2])(Gt, Wt, _sym(X0))
 
 
 def _stiefel_fixed_point(Gt, Wt, X0, config):
@@ -570,6 +580,6 @@ def _stiefel_fixed_point(Gt, Wt, X0, config):
 
         c = (X, 0, jnp.inf, jnp.zeros_like(G))
         c = jax.lax.while_loop(lambda c: (c[2] > config.tol) & (c[1] < config.max_iters), body, c)
-        return c[3], c[0]
+        return c[3], c[0], c[1]
 
     return _vmap_batch(one, Gt.shape[:-2])(Gt, Wt, _sym(X0))

@@ -1,0 +1,133 @@
+"""Multiplier solvers for Stiefel manifold Muon: iterations and time to a relative tangent
+violation of 1e-6, in float64, and the "project G, then msign" heuristic's value.
+
+Run: ``python benchmarks/solver_bench.py [--quick]``. Writes ``benchmarks/results/solvers.json``.
+
+Solvers: ``exact`` (Su's fixed point + Anderson mixing, one SVD per iteration),
+``fixed_point`` (Su's plain fixed point), ``dual_ascent`` (``Y ← Y − η₂·sym(WᵀΦ)`` with a
+10-step msign per iteration, constant η₂ = 0.1 — the online solver's iteration with W, G held
+fixed). "msign-eq" = solver time / time of one default (5-step) msign of the same shape.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import sys
+import time
+
+import jax
+
+jax.config.update("jax_enable_x64", True)
+
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+sys.path.insert(0, str(pathlib.Path(__file__).parent))
+from _timing import time_interleaved  # noqa: E402
+
+import manifold_optax as mo  # noqa: E402
+from manifold_optax import manifolds as M  # noqa: E402
+
+TOL = 1e-6
+
+
+def problem(n, m, seed=0):
+    rng = np.random.default_rng(seed)
+    W = jnp.asarray(np.linalg.qr(rng.standard_normal((n, m)))[0])
+    G = jnp.asarray(rng.standard_normal((n, m)))
+    G = G / (jnp.linalg.norm(G) / np.sqrt(m))
+    return W, G
+
+
+def violation(W, Phi):
+    R = M._sym(W.T @ Phi)
+    return float(jnp.linalg.norm(R) / jnp.linalg.norm(Phi))
+
+
+def run_shape(n, m, max_iters, da_cap):
+    W, G = problem(n, m)
+    X0 = -M._sym(W.T @ G)
+    rows = {}
+    msign_fn = jax.jit(lambda x: mo.msign(x))
+    if n == m:
+        closed = jax.jit(lambda G, W: M.Stiefel().solve(G, W, "exact")[0])
+        t = time_interleaved({"c": closed, "ms": msign_fn}, {"c": (G, W), "ms": (G,)}, reps=5)
+        rows["closed_form"] = {"iters": 1, "violation": violation(W, closed(G, W)),
+                               "ms": 1e3 * t["c"], "msign_eq": t["c"] / t["ms"]}
+        return rows
+    cfg = M.SolverConfig(tol=TOL, max_iters=max_iters)
+    for name, fn in (("exact", M._stiefel_anderson), ("fixed_point", M._stiefel_fixed_point)):
+        f = jax.jit(lambda G, W, X0, fn=fn: fn(G, W, X0, cfg))
+        Phi, _, iters = f(G, W, X0)
+        t = time_interleaved({"s": f, "ms": msign_fn}, {"s": (G, W, X0), "ms": (G,)}, reps=3)
+        rows[name] = {"iters": int(iters), "violation": violation(W, Phi), "ms": 1e3 * t["s"],
+                      "msign_eq": t["s"] / t["ms"]}
+    # Dual ascent / online: constant-step dual gradient descent, accurate msign.
+    step = jax.jit(lambda X: (X - 0.1 * M._sym(W.T @ mo.msign(G + W @ X, steps=10)),
+                              mo.msign(G + W @ X, steps=10)))
+    X, k, v = X0, 0, 1.0
+    t0 = time.perf_counter()
+    while k < da_cap:
+        Xn, Phi = step(X)
+        v = violation(W, Phi)
+        if v <= TOL:
+            break
+        X, k = Xn, k + 1
+    dt = time.perf_counter() - t0
+    t_ms = time_interleaved({"ms": msign_fn}, {"ms": (G,)}, reps=3)["ms"]
+    rows["dual_ascent"] = {"iters": k, "violation": v, "ms": 1e3 * dt, "msign_eq": dt / t_ms,
+                           "capped": k >= da_cap}
+    return rows
+
+
+def heuristic(n=64, m=32, seed=0):
+    """Value of the exact direction vs "project G, then msign" made feasible (MATH.md §3)."""
+    rng = np.random.default_rng(seed)
+    W = jnp.asarray(np.linalg.qr(rng.standard_normal((n, m)))[0])
+    G = jnp.asarray(rng.standard_normal((n, m)))
+    st = M.Stiefel()
+    exact = st.steepest_direction(G, W, "exact")
+    raw = mo.msign_svd(G - W @ M._sym(W.T @ G))
+    feas = st.project_tangent(W, raw)
+    feas = feas / jnp.linalg.norm(feas, ord=2)
+    return {"exact": float(jnp.vdot(G, exact)), "heuristic_raw_infeasible": float(jnp.vdot(G, raw)),
+            "heuristic_feasible": float(jnp.vdot(G, feas)),
+            "raw_violation": violation(W, raw)}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--quick", action="store_true")
+    a = ap.parse_args()
+    shapes = [(64, 32), (256, 64), (1024, 128), (512, 512)]
+    if a.quick:
+        shapes = [(64, 32), (256, 64)]
+    result = {"tol": TOL, "dtype": "float64", "shapes": {}}
+    for n, m in shapes:
+        result["shapes"][f"{n}x{m}"] = run_shape(n, m, max_iters=5000, da_cap=20000)
+        print(f"  done {n}x{m}", file=sys.stderr)
+    result["heuristic_64x32"] = [heuristic(seed=s) for s in range(5)]
+    print("\n### Stiefel multiplier solvers: to relative tangent violation 1e-6 (float64, CPU)\n")
+    print("| shape | solver | iterations | violation | time ms | msign-equivalents |")
+    print("|---|---|---|---|---|---|")
+    for shp, rows in result["shapes"].items():
+        for name, r in rows.items():
+            capped = " (cap)" if r.get("capped") else ""
+            print(f"| {shp} | {name} | {r['iters']}{capped} | {r['violation']:.1e} | "
+                  f"{r['ms']:.1f} | {r['msign_eq']:.1f} |")
+    print("\n### 'project G, then msign' vs exact, random 64×32 Stiefel (5 seeds)\n")
+    print("| seed | exact tr(GᵀΦ) | heuristic (infeasible) | heuristic made feasible | loss |")
+    print("|---|---|---|---|---|")
+    for s, h in enumerate(result["heuristic_64x32"]):
+        loss = 1 - h["heuristic_feasible"] / h["exact"]
+        print(f"| {s} | {h['exact']:.1f} | {h['heuristic_raw_infeasible']:.1f} | "
+              f"{h['heuristic_feasible']:.1f} | {100 * loss:.1f}% |")
+    out = pathlib.Path(__file__).parent / "results" / "solvers.json"
+    out.write_text(json.dumps(result, indent=1))
+    print(f"\nwrote {out}")
+
+
+if __name__ == "__main__":
+    main()
