@@ -8,8 +8,9 @@ import time
 import jax
 
 
-def time_interleaved(fns: dict, args: dict, reps: int = 7, warmup: int = 1,
-                     min_sample_s: float = 0.02) -> dict:
+def time_interleaved(
+    fns: dict, args: dict, reps: int = 7, warmup: int = 1, min_sample_s: float = 0.02
+) -> dict:
     """Median wall time (seconds per call) of each jitted ``fns[k](*args[k])``.
 
     Repetitions are interleaved so that slow drifts of the machine hit every candidate alike;

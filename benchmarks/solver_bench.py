@@ -54,19 +54,31 @@ def run_shape(n, m, max_iters, da_cap):
     if n == m:
         closed = jax.jit(lambda G, W: M.Stiefel().solve(G, W, "exact")[0])
         t = time_interleaved({"c": closed, "ms": msign_fn}, {"c": (G, W), "ms": (G,)}, reps=5)
-        rows["closed_form"] = {"iters": 1, "violation": violation(W, closed(G, W)),
-                               "ms": 1e3 * t["c"], "msign_eq": t["c"] / t["ms"]}
+        rows["closed_form"] = {
+            "iters": 1,
+            "violation": violation(W, closed(G, W)),
+            "ms": 1e3 * t["c"],
+            "msign_eq": t["c"] / t["ms"],
+        }
         return rows
     cfg = M.SolverConfig(tol=TOL, max_iters=max_iters)
     for name, fn in (("exact", M._stiefel_anderson), ("fixed_point", M._stiefel_fixed_point)):
         f = jax.jit(lambda G, W, X0, fn=fn: fn(G, W, X0, cfg))
         Phi, _, iters = f(G, W, X0)
         t = time_interleaved({"s": f, "ms": msign_fn}, {"s": (G, W, X0), "ms": (G,)}, reps=3)
-        rows[name] = {"iters": int(iters), "violation": violation(W, Phi), "ms": 1e3 * t["s"],
-                      "msign_eq": t["s"] / t["ms"]}
+        rows[name] = {
+            "iters": int(iters),
+            "violation": violation(W, Phi),
+            "ms": 1e3 * t["s"],
+            "msign_eq": t["s"] / t["ms"],
+        }
     # Dual ascent / online: constant-step dual gradient descent, accurate msign.
-    step = jax.jit(lambda X: (X - 0.1 * M._sym(W.T @ mo.msign(G + W @ X, steps=10)),
-                              mo.msign(G + W @ X, steps=10)))
+    step = jax.jit(
+        lambda X: (
+            X - 0.1 * M._sym(W.T @ mo.msign(G + W @ X, steps=10)),
+            mo.msign(G + W @ X, steps=10),
+        )
+    )
     X, k, v = X0, 0, 1.0
     t0 = time.perf_counter()
     while k < da_cap:
@@ -77,8 +89,13 @@ def run_shape(n, m, max_iters, da_cap):
         X, k = Xn, k + 1
     dt = time.perf_counter() - t0
     t_ms = time_interleaved({"ms": msign_fn}, {"ms": (G,)}, reps=3)["ms"]
-    rows["dual_ascent"] = {"iters": k, "violation": v, "ms": 1e3 * dt, "msign_eq": dt / t_ms,
-                           "capped": k >= da_cap}
+    rows["dual_ascent"] = {
+        "iters": k,
+        "violation": v,
+        "ms": 1e3 * dt,
+        "msign_eq": dt / t_ms,
+        "capped": k >= da_cap,
+    }
     return rows
 
 
@@ -92,9 +109,12 @@ def heuristic(n=64, m=32, seed=0):
     raw = mo.msign_svd(G - W @ M._sym(W.T @ G))
     feas = st.project_tangent(W, raw)
     feas = feas / jnp.linalg.norm(feas, ord=2)
-    return {"exact": float(jnp.vdot(G, exact)), "heuristic_raw_infeasible": float(jnp.vdot(G, raw)),
-            "heuristic_feasible": float(jnp.vdot(G, feas)),
-            "raw_violation": violation(W, raw)}
+    return {
+        "exact": float(jnp.vdot(G, exact)),
+        "heuristic_raw_infeasible": float(jnp.vdot(G, raw)),
+        "heuristic_feasible": float(jnp.vdot(G, feas)),
+        "raw_violation": violation(W, raw),
+    }
 
 
 def main():
@@ -115,15 +135,19 @@ def main():
     for shp, rows in result["shapes"].items():
         for name, r in rows.items():
             capped = " (cap)" if r.get("capped") else ""
-            print(f"| {shp} | {name} | {r['iters']}{capped} | {r['violation']:.1e} | "
-                  f"{r['ms']:.1f} | {r['msign_eq']:.1f} |")
+            print(
+                f"| {shp} | {name} | {r['iters']}{capped} | {r['violation']:.1e} | "
+                f"{r['ms']:.1f} | {r['msign_eq']:.1f} |"
+            )
     print("\n### 'project G, then msign' vs exact, random 64×32 Stiefel (5 seeds)\n")
     print("| seed | exact tr(GᵀΦ) | heuristic (infeasible) | heuristic made feasible | loss |")
     print("|---|---|---|---|---|")
     for s, h in enumerate(result["heuristic_64x32"]):
         loss = 1 - h["heuristic_feasible"] / h["exact"]
-        print(f"| {s} | {h['exact']:.1f} | {h['heuristic_raw_infeasible']:.1f} | "
-              f"{h['heuristic_feasible']:.1f} | {100 * loss:.1f}% |")
+        print(
+            f"| {s} | {h['exact']:.1f} | {h['heuristic_raw_infeasible']:.1f} | "
+            f"{h['heuristic_feasible']:.1f} | {100 * loss:.1f}% |"
+        )
     out = pathlib.Path(__file__).parent / "results" / "solvers.json"
     out.write_text(json.dumps(result, indent=1))
     print(f"\nwrote {out}")

@@ -13,6 +13,7 @@ from manifold_optax.linalg import (
 from manifold_optax.manifold_transforms import (
     DualAscentState,
     RetractState,
+    by_shape,
     diagnostics,
     dual_ascent,
     project_params,
@@ -63,6 +64,7 @@ __all__ = [
     "SolverConfig",
     "dual_ascent",
     "retract",
+    "by_shape",
     "project_params",
     "diagnostics",
     "resolve_manifolds",

@@ -83,6 +83,7 @@ def muon(
     precision=None,
     compute_dtype=None,
     group: bool = True,
+    ns_method: str = "auto",
 ) -> optax.GradientTransformation:
     r"""Muon for the whole parameter tree: steepest descent under the spectral norm for the
     matrices, AdamW for everything else.
@@ -99,6 +100,10 @@ def muon(
     ``ns_steps=None`` means the schedule's default (5). Under ``optax.inject_hyperparams`` any
     explicitly given ``ns_steps`` must be listed in ``static_args``; the learning rates, ``beta``
     and the weight decays can be injected (changed without recompiling).
+
+    Speed: same-shape matrices share one batched msign (``group``), rectangular ones use Gram
+    Newton–Schulz (``ns_method="auto"``), and ``compute_dtype=jnp.bfloat16`` runs the matmuls in
+    bfloat16 with float32 coefficients and normalization.
 
     Parity with ``optax.contrib.muon``: ``ns_coeffs=(3.4445, -4.7750, 2.0315)``,
     ``normalization="frobenius"`` (defaults here are 5 Polar Express steps with Schatten-8
@@ -120,6 +125,7 @@ def muon(
             eps=eps,
             compute_dtype=compute_dtype,
             group=group,
+            ns_method=ns_method,
         ),
         scale_by_shape(weight_dimension_numbers, consistent_rms),
         optax.add_decayed_weights(weight_decay, weight_decay_mask),

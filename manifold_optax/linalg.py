@@ -68,6 +68,8 @@ def msign(
     eps: float = 1e-8,
     compute_dtype=None,
     safety: float | None = None,
+    method: str = "auto",
+    gram_restart: int = 2,
 ) -> jax.Array:
     r"""Matrix sign / polar factor ``msign(x) = UVᵀ`` by Newton–Schulz iterations.
 
@@ -102,6 +104,11 @@ def msign(
         Coefficients, normalization and matmul accumulation stay float32 (float64 for float64).
       safety: extra factor on the normalization; default 1.01 for the named Polar Express
         schedule (whose rows carry the matching safety scaling) and 1 otherwise.
+      method: ``"standard"`` (iterate on X), ``"gram"`` (Gram Newton–Schulz: iterate on the
+        m×m Gram matrix, multiply X once at the end, restart after ``gram_restart`` steps for
+        stability — ≈ ``8m²n + 28m³`` instead of ``20m²n + 10m³`` FLOPs for 5 steps), or
+        ``"auto"``: Gram when the long side is ≥ 1.5× the short side and the matmuls run in
+        float32/float64 (bfloat16 keeps the standard iteration).
 
     Returns:
       An array of ``x``'s shape and dtype. A zero matrix gives zero; NaN/Inf inputs propagate.
@@ -141,6 +148,19 @@ def msign(
     X = xa.astype(cdt)
     rows = jnp.asarray(table, dtype=acc)
 
+    m_short, n_long = X.shape[-2], X.shape[-1]
+    use_gram = method == "gram" or (
+        method == "auto" and n_long >= 1.5 * m_short and jnp.dtype(cdt).itemsize >= 4
+    )
+    if method not in ("auto", "standard", "gram"):
+        raise ValueError(f"method must be 'auto', 'standard' or 'gram', got {method!r}")
+    if use_gram:
+        out = _gram_newton_schulz(
+            X, rows, steps, normalization, safety, precision, acc, cdt, gram_restart
+        )
+        out = out.astype(in_dtype)
+        return jnp.swapaxes(out, -1, -2) if transposed else out
+
     for i in range(steps):
         a, b, c = rows[i, 0], rows[i, 1], rows[i, 2]
         A = _gram(X, precision, acc)
@@ -157,6 +177,43 @@ def msign(
     if transposed:
         out = jnp.swapaxes(out, -1, -2)
     return out
+
+
+def _gram_newton_schulz(X0, rows, steps, normalization, safety, precision, acc, cdt, restart):
+    """Gram Newton–Schulz on a wide, Frobenius-normalized ``X0`` (``[*b, m, n]``, m < n).
+
+    Every step's polynomial ``P = aI + bA + cA²`` is a polynomial in the initial Gram matrix, so
+    ``X_k = Q_k X_0`` with ``Q_k = P_k Q_{k−1}`` and ``A_k = P_k A_{k−1} P_k`` (all m×m). After
+    ``restart`` steps ``X`` is formed and its Gram recomputed, which resets the round-off that
+    the m×m recursion accumulates.
+    """
+    m = X0.shape[-2]
+    eye = jnp.eye(m, dtype=acc)
+    X = X0
+    A = _gram(X, precision, acc)
+    Q = None
+    since = 0
+    for i in range(steps):
+        a, b, c = rows[i, 0], rows[i, 1], rows[i, 2]
+        A2 = _mm(A, A, precision, acc)
+        if i == 0 and normalization == "schatten8":
+            s8 = jnp.sqrt(jnp.sqrt(jnp.sqrt(jnp.sum(A2 * A2, axis=(-2, -1), keepdims=True))))
+            s = jnp.where(s8 > 0, s8 * safety, 1.0)
+            X = (X.astype(acc) / s).astype(cdt)
+            A, A2 = A / s**2, A2 / s**4
+        P = a * eye + b * A + c * A2
+        Q = P if Q is None else _mm(P, Q, precision, acc)
+        since += 1
+        if i == steps - 1:
+            break
+        if since == restart:
+            X = _mm(Q.astype(cdt), X, precision, acc).astype(cdt)
+            A = _gram(X, precision, acc)
+            Q, since = None, 0
+        else:
+            A = _mm(P, _mm(P, A, precision, acc), precision, acc)
+            A = 0.5 * (A + jnp.swapaxes(A, -1, -2))
+    return _mm(Q.astype(cdt), X, precision, acc)
 
 
 def _svd_tol(s, shape, dtype):

@@ -29,6 +29,7 @@ from manifold_optax.manifolds import (
 from manifold_optax.transforms import leaf_specs
 
 __all__ = [
+    "by_shape",
     "DualAscentState",
     "RetractState",
     "dual_ascent",
@@ -72,17 +73,39 @@ def resolve_manifolds(spec, tree) -> list:
     return out
 
 
+def by_shape(factory, *, min_ndim: int = 2):
+    """A manifold spec that builds each matrix leaf's manifold from its fans.
+
+    ``factory(fan_in, fan_out)`` returns a ``Manifold`` or ``None``; fans are the last two axes
+    (Flax's ``(in, out)``). The usual shape-aware choices (modula, the Spectral Sphere
+    Optimizer) keep activations O(1) whatever the width:
+
+    * ``SpectralSphere(√(fan_out/fan_in))`` — unit RMS→RMS operator norm;
+    * ``Sphere(√fan_out)`` — entries of RMS ``1/√fan_in``, like LeCun-normal initialization
+      (radius 1 on a 256×256 matrix would give entries ≈ 1/256);
+    * ``Stiefel()`` is already shape-aware for square and wide/tall layers (norm-preserving).
+    """
+
+    def spec(params):
+        return jax.tree.map(
+            lambda x: factory(x.shape[-2], x.shape[-1]) if jnp.ndim(x) >= min_ndim else None,
+            params,
+        )
+
+    return spec
+
+
 def _paths(tree):
     return [path_to_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
 
 
 def _empty():
-    return jnp.zeros((0,), jnp.float32)
+    return None  # an empty pytree: no zero-size arrays (orbax cannot save those)
 
 
 class LeafState(NamedTuple):
-    y: Any  # multiplier (normalized-gradient units): [*batch] or [*batch, m, m]
-    v: Any  # spectral sphere: top right singular vector [*batch, cols]; else empty
+    y: Any  # multiplier (normalized-gradient units): [*batch] or [*batch, m, m]; None off-manifold
+    v: Any  # spectral sphere: warm block of right singular vectors [*batch, cols, p]; else None
 
 
 class DualAscentState(NamedTuple):
@@ -213,6 +236,10 @@ def _online_step(m: Manifold, G, W, Y, aux, cfg: SolverConfig, ms_kwargs):
     phi = msign(Gn + m.adjoint(W, Y, theta), **ms_kwargs)
     eta = cfg.dual_learning_rate or m.default_dual_learning_rate
     y = Y - eta * m.constraint(W, phi, theta)
+    # A zero gradient has no steepest direction: step nowhere, keep the multiplier.
+    zero = (scale == 0)[..., None, None]
+    phi = jnp.where(zero, 0.0, phi)
+    y = jnp.where(zero if y.ndim == phi.ndim else (scale == 0), Y, y)
     return phi, y, aux
 
 

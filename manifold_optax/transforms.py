@@ -137,7 +137,7 @@ def momentum(
 # --------------------------------------------------------------------------------------------
 
 
-def _msign_kwargs(ns_steps, ns_coeffs, normalization, precision, eps, compute_dtype):
+def _msign_kwargs(ns_steps, ns_coeffs, normalization, precision, eps, compute_dtype, method="auto"):
     return dict(
         steps=ns_steps,
         coeffs=ns_coeffs,
@@ -145,6 +145,7 @@ def _msign_kwargs(ns_steps, ns_coeffs, normalization, precision, eps, compute_dt
         precision=precision,
         eps=eps,
         compute_dtype=compute_dtype,
+        method=method,
     )
 
 
@@ -158,6 +159,7 @@ def orthogonalize(
     eps: float = 1e-8,
     compute_dtype=None,
     group: bool = True,
+    ns_method: str = "auto",
 ) -> optax.GradientTransformation:
     r"""Replace every matrix leaf ``G`` by ``msign(G) = UVᵀ`` (steepest descent under ‖·‖₂).
 
@@ -173,11 +175,13 @@ def orthogonalize(
       weight_dimension_numbers: ``None``, one ``MuonDimensionNumbers`` for every leaf, a tree
         prefix of ``MuonDimensionNumbers | None``, or a callable from updates to such a tree.
       group: batch same-shape matrices into one msign call.
+      ns_method: ``"auto"`` (Gram Newton–Schulz for aspect ≥ 1.5 in float32), ``"standard"``
+        or ``"gram"`` (see :func:`manifold_optax.msign`).
 
     Raises:
       ValueError naming the leaf's path if a leaf with fewer than two axes reaches it.
     """
-    kw = _msign_kwargs(ns_steps, ns_coeffs, normalization, precision, eps, compute_dtype)
+    kw = _msign_kwargs(ns_steps, ns_coeffs, normalization, precision, eps, compute_dtype, ns_method)
 
     def update_fn(updates, state, params=None):
         del params
@@ -215,6 +219,7 @@ def dualize(
     precision=None,
     compute_dtype=None,
     group: bool = True,
+    ns_method: str = "auto",
 ) -> optax.GradientTransformation:
     r"""Map every leaf to its steepest direction ``dualize(g) = argmax_{‖t‖=1} ⟨g, t⟩``.
 
@@ -231,7 +236,9 @@ def dualize(
     is_name = lambda x: isinstance(x, str)
     if is_name(norm):
         _norms.check_norm(norm)
-    kw = _msign_kwargs(ns_steps, ns_coeffs, normalization, precision, 1e-8, compute_dtype)
+    kw = _msign_kwargs(
+        ns_steps, ns_coeffs, normalization, precision, 1e-8, compute_dtype, ns_method
+    )
 
     def update_fn(updates, state, params=None):
         del params

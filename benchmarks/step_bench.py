@@ -1,0 +1,175 @@
+"""Optimizer step time on a transformer-like tree, against optax.contrib.muon and the roofline.
+
+Reference tree: 4 blocks with d = 256: q, k, v, o (d×d), up (d×4d), down (4d×d) and a
+vector scale (d) per block, float32 (``--wide`` doubles d). Each optimizer's update is jitted
+(params and state donated, as in a training loop) and timed in one process with interleaved
+repetitions; medians are reported. The roofline is the tree's standard Newton–Schulz FLOPs
+(``steps·(4m²n + 2m³)`` per matrix) divided by the rate of a plain batched matmul timed in the
+same run. Also checks that repeated steps do not retrace.
+
+Run: ``python benchmarks/step_bench.py [--wide] [--reps N]``; writes
+``benchmarks/results/step.json`` (``step_wide.json``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import pathlib
+import platform
+import sys
+
+import jax
+import jax.numpy as jnp
+import optax
+
+sys.path.insert(0, str(pathlib.Path(__file__).parent))
+from _timing import time_interleaved  # noqa: E402
+
+import manifold_optax as mo  # noqa: E402
+
+JORDAN = (3.4445, -4.7750, 2.0315)
+
+
+def reference_tree(d: int, blocks: int = 4, seed: int = 0):
+    key = jax.random.PRNGKey(seed)
+    tree = {}
+    for b in range(blocks):
+        shapes = {
+            "q": (d, d),
+            "k": (d, d),
+            "v": (d, d),
+            "o": (d, d),
+            "up": (d, 4 * d),
+            "down": (4 * d, d),
+            "scale": (d,),
+        }
+        blk = {}
+        for name, shp in shapes.items():
+            key, sub = jax.random.split(key)
+            blk[name] = jax.random.normal(sub, shp, jnp.float32) / math.sqrt(shp[0])
+        tree[f"block{b}"] = blk
+    return tree
+
+
+def ns_flops(tree, steps=5):
+    return sum(mo.newton_schulz_flops(x.shape, steps) for x in jax.tree.leaves(tree) if x.ndim == 2)
+
+
+def optimizers(lr=0.02):
+    hidden = lambda make: mo.by_shape(make)
+    return {
+        "adamw": optax.adamw(lr),
+        "optax_muon": optax.contrib.muon(lr),
+        "muon (Jordan 5, Frobenius)": mo.muon(lr, ns_coeffs=JORDAN, normalization="frobenius"),
+        "muon (default)": mo.muon(lr),
+        "muon (bf16 compute)": mo.muon(lr, compute_dtype=jnp.bfloat16),
+        "manifold_muon sphere": mo.manifold_muon(
+            lr, hidden(lambda fi, fo: mo.Sphere(math.sqrt(fo)))
+        ),
+        "manifold_muon spectral_sphere": mo.manifold_muon(
+            lr, hidden(lambda fi, fo: mo.SpectralSphere(math.sqrt(fo / fi)))
+        ),
+        "manifold_muon spectral_sphere (exact norm)": mo.manifold_muon(
+            lr, hidden(lambda fi, fo: mo.SpectralSphere(math.sqrt(fo / fi), exact_norm=True))
+        ),
+        "manifold_muon stiefel": mo.manifold_muon(lr, mo.Stiefel()),
+    }
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--wide", action="store_true")
+    ap.add_argument("--reps", type=int, default=9)
+    ap.add_argument("--only", default=None, help="comma-separated subset of optimizer names")
+    a = ap.parse_args()
+    d = 512 if a.wide else 256
+    tree = reference_tree(d)
+    txs = optimizers()
+    if a.only:
+        keep = a.only.split(",")
+        txs = {k: v for k, v in txs.items() if any(s in k for s in keep)}
+    grads = jax.tree.map(lambda x: 0.01 * jax.random.normal(jax.random.PRNGKey(1), x.shape), tree)
+    fns, args, traces = {}, {}, {}
+    for name, tx in txs.items():
+        params = mo.project_params(tree, tx_manifold(name))
+        state = tx.init(params)
+        traces[name] = 0
+
+        def step(p, s, g, tx=tx, name=name):
+            traces[name] += 1
+            u, s = tx.update(g, s, p)
+            return optax.apply_updates(p, u), s
+
+        f = jax.jit(step)
+        fns[name] = f
+        args[name] = (params, state, grads)
+    # Roofline: a batched matmul of the same FLOP count, [k, d, 4d] @ [k, 4d, d].
+    flops = ns_flops(tree)
+    k = max(1, round(flops / (2.0 * d * d * 4 * d)))
+    lhs = jax.random.normal(jax.random.PRNGKey(2), (k, d, 4 * d))
+    rhs = jax.random.normal(jax.random.PRNGKey(3), (k, 4 * d, d))
+    fns["matmul"] = jax.jit(lambda a, b: a @ b)
+    args["matmul"] = (lhs, rhs)
+    t = time_interleaved(fns, args, reps=a.reps, min_sample_s=0.2)
+    t_roof = t["matmul"] * flops / (2.0 * k * d * d * 4 * d)
+    base = t["optax_muon"] if "optax_muon" in t else None
+    ours = t.get("muon (Jordan 5, Frobenius)") or t.get("muon (default)")
+    rows = []
+    for name in txs:
+        rows.append(
+            {
+                "optimizer": name,
+                "ms": 1e3 * t[name],
+                "vs_optax_muon": t[name] / base if base else None,
+                "vs_roofline": t[name] / t_roof,
+                "vs_muon": t[name] / ours if ours else None,
+                "traces": traces[name],
+            }
+        )
+    print(
+        f"\n### Step time, reference tree d={d} (4 blocks), float32, "
+        f"{jax.devices()[0].device_kind}, median of {a.reps} interleaved samples\n"
+    )
+    print(
+        f"NS FLOPs (5 steps): {flops / 1e9:.1f} GFLOP; batched matmul rate "
+        f"{flops / t_roof / 1e9:.0f} GFLOP/s; roofline {1e3 * t_roof:.1f} ms\n"
+    )
+    print("| optimizer | ms/step | × optax muon | × roofline | × our muon (equal NS) | traces |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        f = lambda v: "—" if v is None else f"{v:.2f}"
+        print(
+            f"| {r['optimizer']} | {r['ms']:.1f} | {f(r['vs_optax_muon'])} | "
+            f"{r['vs_roofline']:.2f} | {f(r['vs_muon'])} | {r['traces']} |"
+        )
+    out = pathlib.Path(__file__).parent / "results" / ("step_wide.json" if a.wide else "step.json")
+    out.write_text(
+        json.dumps(
+            {
+                "d": d,
+                "platform": platform.platform(),
+                "device": jax.devices()[0].device_kind,
+                "ns_gflop": flops / 1e9,
+                "roofline_ms": 1e3 * t_roof,
+                "rows": rows,
+            },
+            indent=1,
+        )
+    )
+    print(f"\nwrote {out}")
+
+
+def tx_manifold(name):
+    if "stiefel" in name:
+        return mo.Stiefel()
+    if "spectral_sphere" in name:
+        return mo.by_shape(lambda fi, fo: mo.SpectralSphere(math.sqrt(fo / fi)))
+    if "sphere" in name:
+        return mo.by_shape(lambda fi, fo: mo.Sphere(math.sqrt(fo)))
+    return None
+
+
+if __name__ == "__main__":
+    main()

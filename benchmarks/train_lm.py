@@ -1,0 +1,311 @@
+"""Character-level language model: AdamW vs Muon vs manifold Muon at equal steps.
+
+A small decoder-only Transformer (Flax NNX, ~1M parameters by default) trained on the Python
+standard library's own source files, read from the running interpreter's install (real text,
+offline). Each optimizer gets a 3-point learning-rate sweep; we report the final validation
+loss and the number of steps each needs to reach AdamW's final validation loss.
+
+Run: ``python benchmarks/train_lm.py`` (default: about 30–45 minutes on 2 CPU cores) or
+``--large`` (4× the steps, a wider model). Results: ``benchmarks/results/train_lm.{json,md,png}``.
+Manifold variants put every hidden matrix (attention q/k/v/o, MLP up/down) on the manifold;
+embeddings, the output head and norms use AdamW. Muon sends embeddings and the head to AdamW.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import pathlib
+import sysconfig
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+import manifold_optax as mo
+
+RESULTS = pathlib.Path(__file__).parent / "results"
+
+
+def load_corpus(max_bytes: int, seed: int = 0):
+    root = pathlib.Path(sysconfig.get_paths()["stdlib"])
+    files = sorted(p for p in root.glob("*.py"))
+    rng = np.random.default_rng(seed)
+    rng.shuffle(files)
+    chunks, total = [], 0
+    for f in files:
+        try:
+            b = f.read_bytes()
+        except OSError:
+            continue
+        chunks.append(b)
+        total += len(b)
+        if total >= max_bytes:
+            break
+    data = np.frombuffer(b"\n".join(chunks)[:max_bytes], dtype=np.uint8).copy()
+    data[data >= 128] = ord("?")  # ASCII vocabulary of 128 symbols
+    n_val = len(data) // 10
+    return data[n_val:], data[:n_val]
+
+
+class Block(nnx.Module):
+    def __init__(self, d, heads, *, rngs):
+        self.heads = heads
+        self.ln1 = nnx.LayerNorm(d, rngs=rngs)
+        self.ln2 = nnx.LayerNorm(d, rngs=rngs)
+        init = nnx.initializers.lecun_normal()
+        self.q = nnx.Linear(d, d, use_bias=False, kernel_init=init, rngs=rngs)
+        self.k = nnx.Linear(d, d, use_bias=False, kernel_init=init, rngs=rngs)
+        self.v = nnx.Linear(d, d, use_bias=False, kernel_init=init, rngs=rngs)
+        self.o = nnx.Linear(d, d, use_bias=False, kernel_init=init, rngs=rngs)
+        self.up = nnx.Linear(d, 4 * d, use_bias=False, kernel_init=init, rngs=rngs)
+        self.down = nnx.Linear(4 * d, d, use_bias=False, kernel_init=init, rngs=rngs)
+
+    def __call__(self, x):
+        b, t, d = x.shape
+        h = self.ln1(x)
+        split = lambda z: z.reshape(b, t, self.heads, d // self.heads)
+        q, k, v = split(self.q(h)), split(self.k(h)), split(self.v(h))
+        att = jnp.einsum("bthd,bshd->bhts", q, k) / math.sqrt(d // self.heads)
+        mask = jnp.tril(jnp.ones((t, t), bool))
+        att = jax.nn.softmax(jnp.where(mask, att, -1e9), axis=-1)
+        x = x + self.o(jnp.einsum("bhts,bshd->bthd", att, v).reshape(b, t, d))
+        return x + self.down(jax.nn.gelu(self.up(self.ln2(x))))
+
+
+class CharLM(nnx.Module):
+    def __init__(self, vocab, d, layers, heads, seq, *, rngs):
+        self.embed = nnx.Embed(vocab, d, rngs=rngs)
+        self.pos = nnx.Param(0.02 * jax.random.normal(rngs.params(), (seq, d)))
+        self.blocks = nnx.List([Block(d, heads, rngs=rngs) for _ in range(layers)])
+        self.ln = nnx.LayerNorm(d, rngs=rngs)
+        self.head = nnx.Linear(d, vocab, use_bias=False, rngs=rngs)
+
+    def __call__(self, tokens):
+        x = self.embed(tokens) + self.pos[: tokens.shape[1]]
+        for blk in self.blocks:
+            x = blk(x)
+        return self.head(self.ln(x))
+
+
+HIDDEN = ("/q/", "/k/", "/v/", "/o/", "/up/", "/down/")
+
+
+def is_hidden(path: str) -> bool:
+    return any(h in "/" + path + "/" for h in HIDDEN) and path.endswith("kernel")
+
+
+def manifold_spec(kind):
+    make = {
+        "stiefel": lambda fi, fo: mo.Stiefel(),
+        "spectral_sphere": lambda fi, fo: mo.SpectralSphere(math.sqrt(fo / fi)),
+        "sphere": lambda fi, fo: mo.Sphere(math.sqrt(fo)),
+    }[kind]
+
+    def spec(params):
+        return jax.tree_util.tree_map_with_path(
+            lambda p, x: make(*x.shape) if is_hidden(mo.path_to_str(p)) else None, params
+        )
+
+    return spec
+
+
+def make_tx(name, lr, steps, adam_lr):
+    sched = optax.warmup_cosine_decay_schedule(0.0, lr, max(1, steps // 20), steps, lr * 0.1)
+    adam_sched = optax.warmup_cosine_decay_schedule(
+        0.0, adam_lr, max(1, steps // 20), steps, adam_lr * 0.1
+    )
+    if name == "adamw":
+        return optax.adamw(sched, b2=0.95, weight_decay=0.01), None
+    if name == "muon":
+        return mo.muon(
+            sched,
+            fallback_patterns=("embed", "head", "pos"),
+            adam_learning_rate=adam_sched,
+            adam_b2=0.95,
+        ), None
+    spec = manifold_spec(name)
+    return mo.manifold_muon(sched, spec, adam_learning_rate=adam_sched, adam_b2=0.95), spec
+
+
+def run(name, lr, cfg, train, val, seed=0):
+    model = CharLM(128, cfg["d"], cfg["layers"], cfg["heads"], cfg["seq"], rngs=nnx.Rngs(seed))
+    tx, spec = make_tx(name, lr, cfg["steps"], cfg["adam_lr"])
+    if spec is not None:
+        nnx.update(model, mo.project_params(nnx.state(model, nnx.Param), spec))
+    opt = nnx.Optimizer(model, tx, wrt=nnx.Param)
+    seq, bs = cfg["seq"], cfg["batch"]
+
+    def loss_fn(m, xy):
+        logits = m(xy[:, :-1])
+        return optax.softmax_cross_entropy_with_integer_labels(logits, xy[:, 1:]).mean()
+
+    @nnx.jit
+    def step(m, o, xy):
+        loss, g = nnx.value_and_grad(loss_fn)(m, xy)
+        o.update(m, g)
+        return loss
+
+    @nnx.jit
+    def evaluate(m, xy):
+        return loss_fn(m, xy)
+
+    rng = np.random.default_rng(seed)
+    vrng = np.random.default_rng(1234)
+    vstarts = vrng.integers(0, len(val) - seq - 1, cfg["val_batches"] * bs)
+    vbatches = [
+        jnp.asarray(np.stack([val[s : s + seq + 1] for s in vstarts[i * bs : (i + 1) * bs]]))
+        for i in range(cfg["val_batches"])
+    ]
+    curve, t0 = [], time.perf_counter()
+    for t in range(1, cfg["steps"] + 1):
+        starts = rng.integers(0, len(train) - seq - 1, bs)
+        xy = jnp.asarray(np.stack([train[s : s + seq + 1] for s in starts]).astype(np.int32))
+        loss = step(model, opt, xy)
+        if t % cfg["eval_every"] == 0 or t == cfg["steps"]:
+            vl = float(np.mean([float(evaluate(model, v.astype(jnp.int32))) for v in vbatches]))
+            curve.append((t, float(loss), vl))
+            if not np.isfinite(vl):
+                break
+    return {
+        "optimizer": name,
+        "lr": lr,
+        "curve": curve,
+        "final_val": curve[-1][2],
+        "seconds": time.perf_counter() - t0,
+    }
+
+
+def steps_to(curve, target):
+    for t, _, vl in curve:
+        if vl <= target:
+            return t
+    return None
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--large", action="store_true", help="wider model, 4x steps")
+    ap.add_argument("--quick", action="store_true", help="smoke test (tiny)")
+    ap.add_argument("--optimizers", default="adamw,muon,stiefel,spectral_sphere,sphere")
+    a = ap.parse_args()
+    cfg = dict(
+        d=128,
+        layers=4,
+        heads=4,
+        seq=128,
+        batch=16,
+        steps=600,
+        eval_every=25,
+        val_batches=8,
+        adam_lr=3e-3,
+        corpus=4_000_000,
+    )
+    lrs = {
+        "adamw": [1e-3, 3e-3, 1e-2],
+        "muon": [0.01, 0.02, 0.04],
+        "stiefel": [0.02, 0.05, 0.1],
+        "spectral_sphere": [0.02, 0.05, 0.1],
+        "sphere": [0.05, 0.15, 0.4],
+    }
+    if a.large:
+        cfg.update(d=256, layers=6, heads=8, steps=2400, batch=32, corpus=16_000_000)
+    if a.quick:
+        cfg.update(
+            d=32,
+            layers=1,
+            heads=2,
+            seq=32,
+            batch=4,
+            steps=20,
+            eval_every=10,
+            val_batches=1,
+            corpus=200_000,
+        )
+        lrs = {k: v[1:2] for k, v in lrs.items()}
+    train, val = load_corpus(cfg["corpus"])
+    names = a.optimizers.split(",")
+    n_params = sum(
+        x.size
+        for x in jax.tree.leaves(
+            nnx.state(
+                CharLM(128, cfg["d"], cfg["layers"], cfg["heads"], cfg["seq"], rngs=nnx.Rngs(0)),
+                nnx.Param,
+            )
+        )
+    )
+    print(f"corpus: {len(train)} train / {len(val)} val bytes; model: {n_params / 1e6:.2f}M params")
+    runs = []
+    for n in names:
+        for lr in lrs[n]:
+            r = run(n, lr, cfg, train, val)
+            runs.append(r)
+            print(
+                f"  {n:16s} lr={lr:<6g} final val {r['final_val']:.4f}  ({r['seconds']:.0f}s)",
+                flush=True,
+            )
+    best = {}
+    for r in runs:
+        if r["optimizer"] not in best or r["final_val"] < best[r["optimizer"]]["final_val"]:
+            best[r["optimizer"]] = r
+    target = best["adamw"]["final_val"] if "adamw" in best else None
+    adam_steps = steps_to(best["adamw"]["curve"], target) if target else None
+    lines = [
+        "| optimizer | best lr | final val loss | steps to AdamW's final val | ratio to AdamW |",
+        "|---|---|---|---|---|",
+    ]
+    summary = {}
+    for n, r in best.items():
+        s = steps_to(r["curve"], target) if target else None
+        ratio = (s / adam_steps) if (s and adam_steps) else None
+        summary[n] = {
+            "lr": r["lr"],
+            "final_val": r["final_val"],
+            "steps_to_target": s,
+            "ratio": ratio,
+        }
+        lines.append(
+            f"| {n} | {r['lr']:g} | {r['final_val']:.4f} | {s if s else 'not reached'} | "
+            f"{f'{ratio:.2f}' if ratio else '—'} |"
+        )
+    table = "\n".join(lines)
+    print("\n" + table)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    tag = "train_lm" + ("_large" if a.large else "") + ("_quick" if a.quick else "")
+    (RESULTS / f"{tag}.json").write_text(
+        json.dumps(
+            {"config": cfg, "params": n_params, "target": target, "summary": summary, "runs": runs},
+            indent=1,
+        )
+    )
+    (RESULTS / f"{tag}.md").write_text(
+        f"Char-level LM on Python stdlib source, {n_params / 1e6:.2f}M params, "
+        f"{cfg['steps']} steps × {cfg['batch']}×{cfg['seq']} tokens\n\n{table}\n"
+    )
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for n, r in best.items():
+            c = np.asarray(r["curve"])
+            ax.plot(c[:, 0], c[:, 2], label=f"{n} (lr {r['lr']:g})")
+        if target:
+            ax.axhline(target, color="gray", ls=":", lw=1)
+        ax.set(xlabel="step", ylabel="validation loss (nats/char)", title="Char-level LM")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(RESULTS / f"{tag}.png", dpi=110)
+    except ImportError:
+        pass
+    print(f"wrote {RESULTS / (tag + '.json')}")
+
+
+if __name__ == "__main__":
+    main()
