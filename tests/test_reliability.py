@@ -67,7 +67,7 @@ def test_apply_if_finite_skips_nonfinite_steps(name, rng):
     u, state = step(good, state, params)
     params = optax.apply_updates(params, u)
     for bad_value in (jnp.nan, jnp.inf):
-        bad = jax.tree.map(lambda g: g.at[(0,) * g.ndim].set(bad_value), good)
+        bad = jax.tree.map(lambda g, v=bad_value: g.at[(0,) * g.ndim].set(v), good)
         u, new_state = step(bad, state, params)
         assert all(float(jnp.abs(x).max()) == 0 for x in jax.tree.leaves(u))
         for a, b in zip(
