@@ -23,6 +23,7 @@ from manifold_optax.manifold_transforms import (
 from manifold_optax.manifolds import Manifold, SolverConfig, SpectralSphere, Sphere, Stiefel
 from manifold_optax.norms import NORMS, dual_norm, dualize_array, primal_norm
 from manifold_optax.schedules import get_schedule, polar_express_coefficients
+from manifold_optax.sharding import MsignSharding, collective_bytes, state_shardings
 from manifold_optax.transforms import (
     MomentumState,
     dualize,
@@ -70,6 +71,9 @@ __all__ = [
     "resolve_manifolds",
     "DualAscentState",
     "RetractState",
+    "MsignSharding",
+    "state_shardings",
+    "collective_bytes",
     "MuonDimensionNumbers",
     "label_params",
     "path_to_str",

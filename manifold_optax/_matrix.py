@@ -60,6 +60,28 @@ def matrix_view(
     return x3, lambda y: jnp.transpose(y.reshape(unflat), inv)
 
 
+def _owner_msign(mats, sharding, **msign_kwargs):
+    """Owner compute: each device orthogonalizes whole matrices of every same-shape stack."""
+    groups: dict = {}
+    for i, m in enumerate(mats):
+        groups.setdefault((m.shape[1:], m.dtype), []).append(i)
+    out: list = [None] * len(mats)
+    n = sharding.n_owner
+    for idx in groups.values():
+        stacked = jnp.concatenate([mats[i] for i in idx], axis=0)
+        b = stacked.shape[0]
+        if b % n == 0:
+            res = sharding.replicated(msign(sharding.split_stack(stacked), **msign_kwargs))
+        else:  # does not divide the devices: gather and compute everywhere
+            res = sharding.replicated(msign(sharding.replicated(stacked), **msign_kwargs))
+        start = 0
+        for i in idx:
+            s = mats[i].shape[0]
+            out[i] = res[start : start + s]
+            start += s
+    return out
+
+
 def fans(x: jax.Array, dim_nums: MuonDimensionNumbers | None) -> tuple[int, int]:
     """``(fan_in, fan_out)`` of a leaf's matrix view; 0-D/1-D leaves are ``(1, size)``."""
     if x.ndim < 2:
@@ -74,8 +96,24 @@ def vector_view(x: jax.Array) -> tuple[jax.Array, Callable[[jax.Array], jax.Arra
     return x.reshape(1, 1, -1), lambda y: y.reshape(shape)
 
 
-def grouped_msign(mats: Sequence[jax.Array], group: bool = True, **msign_kwargs) -> list:
-    """msign of each ``[b, r, c]`` array; same ``(r, c, dtype)`` arrays share one batched call."""
+def grouped_msign(
+    mats: Sequence[jax.Array], group: bool = True, sharding=None, **msign_kwargs
+) -> list:
+    """msign of each ``[b, r, c]`` array; same ``(r, c, dtype)`` arrays share one batched call.
+
+    ``sharding`` (a :class:`~manifold_optax.sharding.MsignSharding`) places the computation:
+    ``"gather"`` replicates each input (one all-gather) and computes whole matrices everywhere;
+    ``"owner"`` splits each stacked group across devices along the stack axis, then gathers.
+    """
+    if sharding is not None and sharding.strategy != "none":
+        rep = sharding.replicated
+        if sharding.strategy == "owner":
+            return _owner_msign(mats, sharding, **msign_kwargs)
+        return (
+            [rep(msign(rep(m), **msign_kwargs)) for m in mats]
+            if not group
+            else [rep(o) for o in grouped_msign([rep(m) for m in mats], True, None, **msign_kwargs)]
+        )
     if not group:
         return [msign(m, **msign_kwargs) for m in mats]
     groups: dict = {}

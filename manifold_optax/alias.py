@@ -84,6 +84,7 @@ def muon(
     compute_dtype=None,
     group: bool = True,
     ns_method: str = "auto",
+    sharding=None,
 ) -> optax.GradientTransformation:
     r"""Muon for the whole parameter tree: steepest descent under the spectral norm for the
     matrices, AdamW for everything else.
@@ -104,6 +105,9 @@ def muon(
     Speed: same-shape matrices share one batched msign (``group``), rectangular ones use Gram
     Newton–Schulz (``ns_method="auto"``), and ``compute_dtype=jnp.bfloat16`` runs the matmuls in
     bfloat16 with float32 coefficients and normalization.
+
+    Many devices: ``sharding=MsignSharding(mesh, "gather" | "owner")`` (see
+    :mod:`manifold_optax.sharding`).
 
     Parity with ``optax.contrib.muon``: ``ns_coeffs=(3.4445, -4.7750, 2.0315)``,
     ``normalization="frobenius"`` (defaults here are 5 Polar Express steps with Schatten-8
@@ -126,6 +130,7 @@ def muon(
             compute_dtype=compute_dtype,
             group=group,
             ns_method=ns_method,
+            sharding=sharding,
         ),
         scale_by_shape(weight_dimension_numbers, consistent_rms),
         optax.add_decayed_weights(weight_decay, weight_decay_mask),
@@ -217,6 +222,7 @@ def manifold_muon(
     adam_eps: float = 1e-8,
     adam_weight_decay: float = 0.0,
     muon_weight_decay: float = 0.0,
+    sharding=None,
 ) -> optax.GradientTransformation:
     r"""Manifold Muon: steepest descent under the spectral norm that keeps weights on a manifold.
 
@@ -256,9 +262,10 @@ def manifold_muon(
             ns_coeffs=ns_coeffs,
             exact_config=exact_config,
             init_tolerance=init_tolerance,
+            sharding=sharding,
         ),
         optax.scale_by_learning_rate(learning_rate),
-        retract(manifold),
+        retract(manifold, sharding=sharding),
     )
     if fallback == "adamw":
         fallback_tx = adamw_fallback(
@@ -284,6 +291,7 @@ def manifold_muon(
             adam_b2=adam_b2,
             adam_eps=adam_eps,
             adam_weight_decay=adam_weight_decay,
+            sharding=sharding,
         )
     return optax.partition(
         {MANIFOLD: manifold_tx, FALLBACK: fallback_tx}, manifold_labels_fn(manifold)

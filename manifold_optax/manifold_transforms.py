@@ -24,8 +24,10 @@ from manifold_optax.manifolds import (
     Manifold,
     SolverConfig,
     SpectralSphere,
+    Sphere,
     Stiefel,
 )
+from manifold_optax.sharding import replicate, run_replicated
 from manifold_optax.transforms import leaf_specs
 
 __all__ = [
@@ -149,6 +151,7 @@ def dual_ascent(
     ns_coeffs="polar_express",
     exact_config: SolverConfig | None = None,
     init_tolerance: float | None = DEFAULT_INIT_TOLERANCE,
+    sharding=None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Per manifold leaf, the steepest tangent direction ``Φ = msign(G + C_W*(Y))`` and the
     multiplier update; the multiplier ``Y`` lives in the state.
@@ -215,25 +218,45 @@ def dual_ascent(
                 _as_matrix(w.astype(jnp.float32)),
                 _as_matrix(g.astype(jnp.float32)).reshape(_as_matrix(w).shape),
             )
-            aux = Aux(ls.v)
-            if solver == "online":
-                phi, y, aux = _online_step(m, G, W, ls.y, aux, cfg, ms_kwargs)
+
+            if solver == "online" and isinstance(m, Sphere):
+                # Sharded parameters, sphere: everything is elementwise or a scalar reduction
+                # except the msign, whose input is gathered once (MATH.md §4).
+                phi, y, aux = _online_step(m, G, W, ls.y, Aux(ls.v), cfg, ms_kwargs, sharding)
+                v = aux.v
             else:
-                phi, y, aux = m.solve(G, W, solver, Y=ls.y, aux=aux, config=cfg)
+
+                def leaf_step(G, W, y, v, m=m):
+                    if solver == "online":
+                        phi, y, aux = _online_step(m, G, W, y, Aux(v), cfg, ms_kwargs)
+                    else:
+                        phi, y, aux = m.solve(G, W, solver, Y=y, aux=Aux(v), config=cfg)
+                    return phi, y, aux.v
+
+                # Otherwise gather W and G once and compute whole matrices on every device
+                # (shard_map): GSPMD would split the power / polar iterations into many
+                # small collectives (measured: more bytes than gathering).
+                phi, y, v = run_replicated(leaf_step, sharding, G, W, ls.y, ls.v)
             new_u.append(phi.reshape(shape).astype(dt))
-            new_s.append(LeafState(y, aux.v))
+            new_s.append(LeafState(y, v))
         return jax.tree.unflatten(treedef, new_u), DualAscentState(tuple(new_s))
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-def _online_step(m: Manifold, G, W, Y, aux, cfg: SolverConfig, ms_kwargs):
-    """One msign: ``Φ = msign(Ĝ + C*(Y))``, then ``Y ← Y − η₂·C(Φ)``."""
+def _online_step(m: Manifold, G, W, Y, aux, cfg: SolverConfig, ms_kwargs, sharding=None):
+    """One msign: ``Φ = msign(Ĝ + C*(Y))``, then ``Y ← Y − η₂·C(Φ)``.
+
+    With ``sharding``, ``Ĝ + C*(Y)`` is formed where the parameter lives (elementwise, or a
+    local matmul ``WX`` for Stiefel), gathered once for the msign, and the residual ``C(Φ)``
+    is a local product plus a small all-reduce.
+    """
     aux = m.update_aux(W, aux, cfg.power_iters)
     scale = jnp.sqrt(jnp.sum(G * G, axis=(-2, -1)) / min(G.shape[-2:]))
     Gn = G / jnp.where(scale > 0, scale, 1.0)[..., None, None]
     theta = m.theta(W, aux)
-    phi = msign(Gn + m.adjoint(W, Y, theta), **ms_kwargs)
+    Z = replicate(Gn + m.adjoint(W, Y, theta), sharding)
+    phi = replicate(msign(Z, **ms_kwargs), sharding)
     eta = cfg.dual_learning_rate or m.default_dual_learning_rate
     y = Y - eta * m.constraint(W, phi, theta)
     # A zero gradient has no steepest direction: step nowhere, keep the multiplier.
@@ -243,7 +266,9 @@ def _online_step(m: Manifold, G, W, Y, aux, cfg: SolverConfig, ms_kwargs):
     return phi, y, aux
 
 
-def retract(manifold, *, power_iters: int = 10) -> optax.GradientTransformationExtraArgs:
+def retract(
+    manifold, *, power_iters: int = 10, sharding=None
+) -> optax.GradientTransformationExtraArgs:
     r"""Return ``R(W + u) − W`` for every manifold leaf, so that ``optax.apply_updates`` lands
     exactly on the manifold; goes last in a chain (after the learning rate).
 
@@ -276,17 +301,22 @@ def retract(manifold, *, power_iters: int = 10) -> optax.GradientTransformationE
                 out.append(u)
                 vs.append(v)
                 continue
-            V = _as_matrix(w.astype(jnp.float32) + u.astype(jnp.float32))
-            if isinstance(m, SpectralSphere):
-                aux = m.update_aux(V, Aux(v), power_iters)
-                new = m.retract(V, aux)
-                vs.append(aux.v)
-            elif isinstance(m, Stiefel):
-                new = m.retract(V, exact=False)
-                vs.append(v)
+
+            if isinstance(m, Sphere):
+                # A norm and a rescale: stays sharded (one scalar all-reduce).
+                new = m.retract(_as_matrix(w.astype(jnp.float32) + u.astype(jnp.float32)))
             else:
-                new = m.retract(V)
-                vs.append(v)
+
+                def leaf_retract(w, u, v, m=m):
+                    V = _as_matrix(w.astype(jnp.float32) + u.astype(jnp.float32))
+                    if isinstance(m, SpectralSphere):
+                        aux = m.update_aux(V, Aux(v), power_iters)
+                        return m.retract(V, aux), aux.v
+                    return m.retract(V, exact=False), v
+
+                # Block power iteration / polar polish on whole matrices (see dual_ascent).
+                new, v = run_replicated(leaf_retract, sharding, w, u, v)
+            vs.append(v)
             new = new.reshape(w.shape).astype(w.dtype)
             out.append((new - w).astype(u.dtype))
         return jax.tree.unflatten(treedef, out), RetractState(tuple(vs))

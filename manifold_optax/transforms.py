@@ -160,6 +160,7 @@ def orthogonalize(
     compute_dtype=None,
     group: bool = True,
     ns_method: str = "auto",
+    sharding=None,
 ) -> optax.GradientTransformation:
     r"""Replace every matrix leaf ``G`` by ``msign(G) = UVᵀ`` (steepest descent under ‖·‖₂).
 
@@ -177,6 +178,7 @@ def orthogonalize(
       group: batch same-shape matrices into one msign call.
       ns_method: ``"auto"`` (Gram Newton–Schulz for aspect ≥ 1.5 in float32), ``"standard"``
         or ``"gram"`` (see :func:`manifold_optax.msign`).
+      sharding: a :class:`manifold_optax.sharding.MsignSharding` for sharded parameters.
 
     Raises:
       ValueError naming the leaf's path if a leaf with fewer than two axes reaches it.
@@ -200,7 +202,7 @@ def orthogonalize(
             views.append(v)
             invs.append(inv)
             where.append(i)
-        outs = grouped_msign(views, group=group, **kw)
+        outs = grouped_msign(views, group=group, sharding=sharding, **kw)
         new = list(leaves)
         for i, o, inv in zip(where, outs, invs, strict=True):
             new[i] = inv(o)
@@ -220,6 +222,7 @@ def dualize(
     compute_dtype=None,
     group: bool = True,
     ns_method: str = "auto",
+    sharding=None,
 ) -> optax.GradientTransformation:
     r"""Map every leaf to its steepest direction ``dualize(g) = argmax_{‖t‖=1} ⟨g, t⟩``.
 
@@ -264,7 +267,7 @@ def dualize(
                 spectral_meta.append((i, inv, name, v.shape[1], v.shape[2]))
             else:
                 new[i] = inv(_norms.dualize_array(name, v))
-        outs = grouped_msign(spectral_views, group=group, **kw)
+        outs = grouped_msign(spectral_views, group=group, sharding=sharding, **kw)
         for o, (i, inv, name, d_in, d_out) in zip(outs, spectral_meta, strict=True):
             if name == "rms":
                 o = o * jnp.asarray(math.sqrt(d_out / d_in), o.dtype)

@@ -1,0 +1,182 @@
+"""Sharded optimizer steps on simulated CPU devices: parity with one device, output and state
+shardings, collective bytes per step (from the compiled HLO) and step time.
+
+Run: ``python benchmarks/sharded_step.py [--json OUT]``. It sets
+``XLA_FLAGS=--xla_force_host_platform_device_count=8`` itself, so run it in its own process
+(the test suite does, in a subprocess).
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+).strip()
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import math  # noqa: E402
+import statistics  # noqa: E402
+import time  # noqa: E402
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+from jax.sharding import Mesh, NamedSharding  # noqa: E402
+from jax.sharding import PartitionSpec as P  # noqa: E402
+
+import manifold_optax as mo  # noqa: E402
+from manifold_optax import sharding as S  # noqa: E402
+
+SHAPES = {
+    "a": (64, 128),
+    "b": (128, 64),
+    "c": (64, 64),
+    "d": (64, 64),
+    "e": (128, 128),
+    "bias": (64,),
+}
+
+
+def make_params(manifold):
+    rng = np.random.default_rng(0)
+    p = {
+        k: jnp.asarray(rng.standard_normal(s) / math.sqrt(s[0]), jnp.float32)
+        for k, s in SHAPES.items()
+    }
+    return mo.project_params(p, manifold) if manifold is not None else p
+
+
+def param_specs(mesh_kind):
+    if mesh_kind == "fsdp":
+        return {k: P("fsdp", None) if len(s) == 2 else P("fsdp") for k, s in SHAPES.items()}
+    return {k: P("data", "model") if len(s) == 2 else P("model") for k, s in SHAPES.items()}
+
+
+def optimizer(name, sharding):
+    if name == "muon":
+        return mo.muon(0.02, sharding=sharding), None
+    m = {
+        "sphere": mo.Sphere(2.0),
+        "spectral_sphere": mo.SpectralSphere(1.5),
+        "stiefel": mo.Stiefel(),
+    }[name]
+    return mo.manifold_muon(0.05, m, sharding=sharding), m
+
+
+def grads_for(params, t):
+    return jax.tree.map(
+        lambda x: jnp.asarray(np.random.default_rng(100 + t).standard_normal(x.shape), jnp.float32),
+        params,
+    )
+
+
+def run(name, mesh_kind, strategy, steps=2, time_reps=5):
+    devices = np.array(jax.devices())
+    mesh = (
+        Mesh(devices.reshape(8), ("fsdp",))
+        if mesh_kind == "fsdp"
+        else Mesh(devices.reshape(2, 4), ("data", "model"))
+    )
+    # Single-device reference.
+    tx_ref, manifold = optimizer(name, None)
+    params = make_params(manifold)
+    ref_p, ref_s = params, tx_ref.init(params)
+    step_ref = jax.jit(
+        lambda p, s, g: (lambda u, s: (optax.apply_updates(p, u), s))(*tx_ref.update(g, s, p))
+    )
+    for t in range(steps):
+        ref_p, ref_s = step_ref(ref_p, ref_s, grads_for(params, t))
+    # Sharded.
+    strat = S.MsignSharding(mesh, strategy)
+    tx, _ = optimizer(name, strat)
+    specs = param_specs(mesh_kind)
+    p_sh = {k: NamedSharding(mesh, specs[k]) for k in SHAPES}
+    state_shape = jax.eval_shape(tx.init, params)
+    s_sh = S.state_shardings(state_shape, mesh, params, p_sh)
+    p = jax.device_put(params, p_sh)
+    state = jax.jit(tx.init, out_shardings=s_sh)(p)
+
+    def step(p, s, g):
+        u, s = tx.update(g, s, p)
+        return optax.apply_updates(p, u), s
+
+    jstep = jax.jit(
+        step, in_shardings=(p_sh, s_sh, p_sh), out_shardings=(p_sh, s_sh), donate_argnums=(0, 1)
+    )
+    compiled = (
+        jax.jit(step, in_shardings=(p_sh, s_sh, p_sh), out_shardings=(p_sh, s_sh))
+        .lower(p, state, jax.device_put(grads_for(params, 0), p_sh))
+        .compile()
+    )
+    coll = S.collective_bytes(compiled)
+    for t in range(steps):
+        p, state = jstep(p, state, jax.device_put(grads_for(params, t), p_sh))
+    rel = {
+        k: float(
+            jnp.linalg.norm(np.asarray(p[k]) - np.asarray(ref_p[k]))
+            / jnp.linalg.norm(np.asarray(ref_p[k]))
+        )
+        for k in SHAPES
+    }
+    shard_ok = all(p[k].sharding.is_equivalent_to(p_sh[k], p[k].ndim) for k in SHAPES)
+    replicated_big = [
+        str(path)
+        for path, x in jax.tree_util.tree_flatten_with_path(state)[0]
+        if x.size >= 4096 and x.sharding.is_fully_replicated
+    ]
+    g = jax.device_put(grads_for(params, 0), p_sh)
+    times = []
+    for _ in range(time_reps):
+        t0 = time.perf_counter()
+        p, state = jstep(p, state, g)
+        jax.block_until_ready(p)
+        times.append(time.perf_counter() - t0)
+    matrix_bytes = sum(math.prod(s) * 4 for s in SHAPES.values() if len(s) == 2)
+    return {
+        "optimizer": name,
+        "mesh": mesh_kind,
+        "strategy": strategy,
+        "max_rel_diff": max(rel.values()),
+        "output_shardings_match": shard_ok,
+        "replicated_big_state": replicated_big,
+        "collective_bytes": coll,
+        "collective_ratio": coll["total"] / matrix_bytes,
+        "step_ms": 1e3 * statistics.median(times),
+    }
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--quick", action="store_true", help="gather strategy only")
+    a = ap.parse_args()
+    assert len(jax.devices()) == 8, jax.devices()
+    rows = []
+    strategies = ("gather",) if a.quick else ("gather", "owner", "none")
+    for name in ("muon", "sphere", "spectral_sphere", "stiefel"):
+        for mesh_kind in ("fsdp", "2d"):
+            for strategy in strategies:
+                if strategy != "gather" and mesh_kind == "2d":
+                    continue
+                rows.append(run(name, mesh_kind, strategy))
+    print(
+        "| optimizer | mesh | strategy | max rel diff | shardings ok | collective bytes / matrix bytes |"
+        " step ms |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(
+            f"| {r['optimizer']} | {r['mesh']} | {r['strategy']} | {r['max_rel_diff']:.1e} | "
+            f"{r['output_shardings_match'] and not r['replicated_big_state']} | "
+            f"{r['collective_ratio']:.2f} | {r['step_ms']:.1f} |"
+        )
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,190 @@
+"""Many devices: a deliberate msign strategy for sharded matrices, state shardings, and a
+collective-bytes counter read from compiled HLO (MATH.md §4).
+
+Left to GSPMD, Newton–Schulz on a sharded matrix turns each step's Gram product into an
+all-reduce (3.3× slower steps in one public JAX project). We choose instead:
+
+* ``"gather"`` (default; Moonlight's ZeRO-1 Muon): each sharded matrix is all-gathered once,
+  every device runs the whole msign / dual step / retraction on it, and the result is sliced
+  back to the parameter's sharding (slicing moves no bytes). Traffic ≈ one all-gather of the
+  gradient momentum per matrix (manifold leaves also gather ``W``).
+* ``"owner"`` (modded-nanogpt / layer-sharded Megatron): same-shape matrices are stacked and
+  the stack is split across devices, so each device orthogonalizes whole matrices, then the
+  results are all-gathered. Less duplicated compute; traffic ≈ a reshard in + an all-gather
+  out. Falls back to ``"gather"`` for groups that do not divide the device count.
+* ``"none"``: no constraints (GSPMD decides; for comparison).
+
+Usage: ``strategy = MsignSharding(mesh)`` and pass ``sharding=strategy`` to ``muon``,
+``manifold_muon``, ``orthogonalize``, ``dualize``, ``dual_ascent`` or ``retract``; jit the step
+with ``in_shardings``/``out_shardings`` from :func:`state_shardings` so outputs keep their
+parameters' shardings.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+__all__ = [
+    "MsignSharding",
+    "STRATEGIES",
+    "state_shardings",
+    "collective_bytes",
+    "replicate",
+    "run_replicated",
+    "tree_bytes",
+]
+
+STRATEGIES = ("gather", "owner", "none")
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class MsignSharding:
+    """How matrix functions run on sharded matrices: ``strategy`` over ``mesh``'s ``axes``."""
+
+    mesh: Mesh
+    strategy: str = "gather"
+    axes: tuple[str, ...] | None = None  # mesh axes to split stacks over ("owner"); default all
+
+    def __post_init__(self):
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"unknown strategy {self.strategy!r}; accepted: {STRATEGIES}")
+
+    @property
+    def owner_axes(self):
+        return tuple(self.axes) if self.axes is not None else tuple(self.mesh.axis_names)
+
+    @property
+    def n_owner(self):
+        return math.prod(self.mesh.shape[a] for a in self.owner_axes)
+
+    def replicated(self, x):
+        if self.strategy == "none":
+            return x
+        return jax.lax.with_sharding_constraint(x, NamedSharding(self.mesh, P()))
+
+    def run_replicated(self, f, *args):
+        """Run ``f`` on whole (gathered) arrays on every device: a ``shard_map`` whose inputs and
+        outputs are all replicated, so nothing inside can be re-sharded behind our back (one
+        all-gather per input at the boundary; slicing the outputs back is free)."""
+        if self.strategy == "none":
+            return f(*args)
+        spec = lambda tree: jax.tree.map(lambda _: P(), tree)
+        out_shape = jax.eval_shape(f, *args)
+        g = jax.shard_map(
+            f, mesh=self.mesh, in_specs=spec(args), out_specs=spec(out_shape), check_vma=False
+        )
+        return g(*args)
+
+    def split_stack(self, x):
+        """Constrain a ``[B, m, n]`` stack to be split over devices along B (owner compute)."""
+        spec = P(self.owner_axes if len(self.owner_axes) > 1 else self.owner_axes[0])
+        return jax.lax.with_sharding_constraint(x, NamedSharding(self.mesh, spec))
+
+
+def replicate(x, sharding: MsignSharding | None):
+    return x if sharding is None else sharding.replicated(x)
+
+
+def run_replicated(f, sharding: MsignSharding | None, *args):
+    """``f(*args)``, computed on whole arrays on every device when ``sharding`` is given."""
+    return f(*args) if sharding is None else sharding.run_replicated(f, *args)
+
+
+def state_shardings(tree, mesh: Mesh, params, param_shardings, *, axes=None, min_size: int = 4096):
+    """Shardings for an optimizer state (or any tree) given the parameters and their shardings.
+
+    A leaf shaped like a parameter gets that parameter's sharding (momenta); any other leaf
+    with ``min_size`` or more elements (a Stiefel multiplier ``m×m``, a spectral-sphere block)
+    is split along its largest axis that the mesh ``axes`` divide; small leaves are replicated.
+    ``tree`` may hold arrays or ``jax.ShapeDtypeStruct`` (e.g. from ``jax.eval_shape``).
+    """
+    axes = tuple(axes) if axes is not None else tuple(mesh.axis_names)
+    n = math.prod(mesh.shape[a] for a in axes)
+    by_shape = {}
+    for x, sh in zip(
+        jax.tree.leaves(params),
+        jax.tree.leaves(param_shardings, is_leaf=lambda x: isinstance(x, NamedSharding)),
+        strict=True,
+    ):
+        by_shape.setdefault(tuple(x.shape), sh)
+
+    def pick(x):
+        shape = tuple(x.shape)
+        if shape in by_shape:
+            return by_shape[shape]
+        if math.prod(shape) >= min_size:
+            for ax in sorted(range(len(shape)), key=lambda i: -shape[i]):
+                if shape[ax] % n == 0:
+                    spec = [None] * len(shape)
+                    spec[ax] = axes if len(axes) > 1 else axes[0]
+                    return NamedSharding(mesh, P(*spec))
+        return NamedSharding(mesh, P())
+
+    return jax.tree.map(pick, tree)
+
+
+_DTYPE_BYTES = {
+    "pred": 1,
+    "s8": 1,
+    "u8": 1,
+    "bf16": 2,
+    "f16": 2,
+    "s16": 2,
+    "u16": 2,
+    "f32": 4,
+    "s32": 4,
+    "u32": 4,
+    "f64": 8,
+    "s64": 8,
+    "u64": 8,
+    "c64": 8,
+    "c128": 16,
+}
+_COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute")
+_SHAPE = re.compile(
+    r"\b(pred|s8|u8|bf16|f16|s16|u16|f32|s32|u32|f64|s64|u64|c64|c128)\[([0-9,]*)\]"
+)
+
+
+def collective_bytes(compiled) -> dict:
+    """Bytes each collective kind produces per device in a compiled step, read from its HLO.
+
+    ``compiled`` is a ``jax.stages.Compiled`` (``jax.jit(f).lower(...).compile()``) or HLO
+    text. For each collective instruction (async ``-start`` forms included, ``-done`` skipped)
+    the result shape's bytes are summed; for all-reduce that is the reduced buffer, for
+    all-gather the gathered one — the per-device traffic up to the algorithm's constant.
+    """
+    text = compiled if isinstance(compiled, str) else compiled.as_text()
+    out = {k: 0 for k in _COLLECTIVES}
+    for line in text.splitlines():
+        if "=" not in line:
+            continue
+        lhs, rhs = line.split("=", 1)
+        m = re.match(r"\s*(\([^)]*\)|[a-z0-9]+\[[0-9,]*\](\{[^}]*\})?)\s+([a-z\-]+)\(", rhs)
+        if not m:
+            continue
+        op = m.group(3)
+        kind = next((k for k in _COLLECTIVES if op == k or op == k + "-start"), None)
+        if kind is None:
+            continue
+        shapes = _SHAPE.findall(m.group(1))
+        if op.endswith("-start") and len(shapes) > 1 and kind != "all-reduce":
+            shapes = shapes[-1:]  # (operand, result) tuple of an async start: count the result
+        total = 0
+        for dt, dims in shapes:
+            size = math.prod(int(d) for d in dims.split(",") if d) if dims else 1
+            total += size * _DTYPE_BYTES[dt]
+        out[kind] += total
+    out["total"] = sum(out[k] for k in _COLLECTIVES)
+    return out
+
+
+def tree_bytes(tree) -> int:
+    return sum(x.size * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
