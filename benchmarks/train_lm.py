@@ -144,7 +144,7 @@ def run(name, lr, cfg, train, val, seed=0):
         logits = m(xy[:, :-1])
         return optax.softmax_cross_entropy_with_integer_labels(logits, xy[:, 1:]).mean()
 
-    @nnx.jit
+    @nnx.jit(donate_argnums=(0, 1))
     def step(m, o, xy):
         loss, g = nnx.value_and_grad(loss_fn)(m, xy)
         o.update(m, g)

@@ -134,7 +134,7 @@ def run_one(name, lr, data, steps, batch, seed, progress=None):
     def loss_fn(m, x, y):
         return optax.softmax_cross_entropy_with_integer_labels(m(x), y).mean()
 
-    @nnx.jit
+    @nnx.jit(donate_argnums=(0, 1))  # model and optimizer state are updated in place
     def step(m, o, x, y):
         loss, grads = nnx.value_and_grad(loss_fn)(m, x, y)
         o.update(m, grads)
