@@ -5,7 +5,9 @@ vector scale (d) per block, float32 (``--wide`` doubles d). Each optimizer's upd
 (params and state donated, as in a training loop) and timed in one process with interleaved
 repetitions; medians are reported. The roofline is the tree's standard Newton–Schulz FLOPs
 (``steps·(4m²n + 2m³)`` per matrix) divided by the rate of a plain batched matmul timed in the
-same run. Also checks that repeated steps do not retrace.
+same run. Each optimizer first takes 20 warm-up steps (steady state: filled momenta, a
+converged online multiplier), then the same step is timed repeatedly. Also checks that
+repeated steps do not retrace (the "traces" column counts traces after the first).
 
 Run: ``python benchmarks/step_bench.py [--wide] [--reps N]``; writes
 ``benchmarks/results/step.json`` (``step_wide.json``).
@@ -103,6 +105,10 @@ def main():
             return optax.apply_updates(p, u), s
 
         f = jax.jit(step)
+        # Steady state: 20 warm-up steps (the online multiplier converges, momenta fill).
+        for _ in range(20):
+            params, state = f(params, state, grads)
+        traces[name] = 0 if traces[name] == 1 else traces[name]
         fns[name] = f
         args[name] = (params, state, grads)
     # Roofline: a batched matmul of the same FLOP count, [k, d, 4d] @ [k, 4d, d].

@@ -158,8 +158,8 @@ def get_schedule(coeffs, steps: int | None) -> tuple[np.ndarray, int]:
     """Resolve ``coeffs`` (a name or an explicit ``(k, 3)`` / ``(3,)`` table) and ``steps``.
 
     Returns ``(table, steps)`` where ``table`` has exactly ``steps`` rows. Defaults: five steps
-    for every named schedule; an explicit table runs its own number of rows unless ``steps``
-    says otherwise (a single ``(3,)`` row is repeated; a longer table keeps its last rows, as
+    for every named schedule and for a single ``(3,)`` row; an explicit table runs its own
+    number of rows unless ``steps`` says otherwise (a single ``(3,)`` row is repeated; a longer table keeps its last rows, as
     optax does; a shorter table repeats its last row).
     """
     if isinstance(coeffs, str):
@@ -187,7 +187,10 @@ def get_schedule(coeffs, steps: int | None) -> tuple[np.ndarray, int]:
             f"Newton–Schulz coefficients must have shape (3,) or (k, 3), got {table.shape}"
         )
     k = table.shape[0]
-    steps = k if steps is None else int(steps)
+    if steps is None:
+        # A single row is a repeated quintic (optax's convention): five steps by default.
+        steps = 5 if k == 1 else k
+    steps = int(steps)
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     if steps <= k:

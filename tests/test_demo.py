@@ -5,8 +5,9 @@ from manifold_optax import demo
 
 
 def test_demo_runs_and_reports(tmp_path, capsys):
-    rows = demo.main(["--optimizers", "adamw,muon,stiefel,sphere", "--steps", "40",
-                      "--out", str(tmp_path)])
+    rows = demo.main(
+        ["--optimizers", "adamw,muon,stiefel,sphere", "--steps", "40", "--out", str(tmp_path)]
+    )
     assert [r["optimizer"] for r in rows] == ["adamw", "muon", "stiefel", "sphere"]
     out = capsys.readouterr().out
     assert "| stiefel |" in out and "| adamw |" in out
