@@ -9,7 +9,7 @@ same leaf whether the tree holds ``nnx.Param`` objects (``tx.init``) or raw arra
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -101,6 +101,3 @@ def label_params(
 def matrix_mask(labels, matrix_label: str = MATRIX):
     """Boolean tree: True where the label is the matrix label."""
     return jax.tree.map(lambda lab: lab == matrix_label, labels)
-
-
-LabelFn = Callable[[Any], Any]

@@ -101,7 +101,6 @@ class Manifold:
     retraction; :meth:`steepest_direction` is shared."""
 
     vector_ok: bool = False
-    scalar_multiplier: bool = True
     #: Dual step η₂ used when none is given (measured: fastest stable online convergence).
     default_dual_learning_rate: float = 0.5
 
@@ -412,7 +411,6 @@ class Stiefel(Manifold):
     """
 
     retract_steps: int = 8  # cap of the polish loop (it stops at float32 accuracy)
-    scalar_multiplier = False
     default_dual_learning_rate = 0.1
 
     # Everything below works on the tall orientation.

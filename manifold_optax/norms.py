@@ -34,7 +34,6 @@ from manifold_optax.linalg import msign, nuclear_norm
 __all__ = ["NORMS", "dualize_array", "dual_norm", "primal_norm", "check_norm"]
 
 NORMS = ("spectral", "frobenius", "sign", "rms", "row", "column")
-MATRIX_NORMS = ("spectral", "rms", "row", "column")
 
 
 def check_norm(norm: str) -> str:
