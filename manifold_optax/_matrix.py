@@ -60,28 +60,6 @@ def matrix_view(
     return x3, lambda y: jnp.transpose(y.reshape(unflat), inv)
 
 
-def _owner_msign(mats, sharding, **msign_kwargs):
-    """Owner compute: each device orthogonalizes whole matrices of every same-shape stack."""
-    groups: dict = {}
-    for i, m in enumerate(mats):
-        groups.setdefault((m.shape[1:], m.dtype), []).append(i)
-    out: list = [None] * len(mats)
-    n = sharding.n_owner
-    for idx in groups.values():
-        stacked = jnp.concatenate([mats[i] for i in idx], axis=0)
-        b = stacked.shape[0]
-        if b % n == 0:
-            res = sharding.replicated(msign(sharding.split_stack(stacked), **msign_kwargs))
-        else:  # does not divide the devices: gather and compute everywhere
-            res = sharding.replicated(msign(sharding.replicated(stacked), **msign_kwargs))
-        start = 0
-        for i in idx:
-            s = mats[i].shape[0]
-            out[i] = res[start : start + s]
-            start += s
-    return out
-
-
 def fans(x: jax.Array, dim_nums: MuonDimensionNumbers | None) -> tuple[int, int]:
     """``(fan_in, fan_out)`` of a leaf's matrix view; 0-D/1-D leaves are ``(1, size)``."""
     if x.ndim < 2:
@@ -90,10 +68,24 @@ def fans(x: jax.Array, dim_nums: MuonDimensionNumbers | None) -> tuple[int, int]
     return math.prod(x.shape[a] for a in red), math.prod(x.shape[a] for a in out)
 
 
+def as_matrix(x: jax.Array) -> jax.Array:
+    """0-D/1-D arrays as ``(1, d)`` matrices (a bias is the weight of a constant input);
+    arrays with two or more axes unchanged."""
+    return x if x.ndim >= 2 else x.reshape(1, -1)
+
+
 def vector_view(x: jax.Array) -> tuple[jax.Array, Callable[[jax.Array], jax.Array]]:
     """A 0-D or 1-D leaf as a ``[1, 1, d]`` matrix (a bias: weights from a constant input)."""
     shape = x.shape
     return x.reshape(1, 1, -1), lambda y: y.reshape(shape)
+
+
+def _groups(mats) -> list[list[int]]:
+    """Indices of ``[b, r, c]`` arrays that share ``(r, c, dtype)``, in first-seen order."""
+    groups: dict = {}
+    for i, m in enumerate(mats):
+        groups.setdefault((m.shape[1:], m.dtype), []).append(i)
+    return list(groups.values())
 
 
 def grouped_msign(
@@ -105,29 +97,24 @@ def grouped_msign(
     ``"gather"`` replicates each input (one all-gather) and computes whole matrices everywhere;
     ``"owner"`` splits each stacked group across devices along the stack axis, then gathers.
     """
-    if sharding is not None and sharding.strategy != "none":
-        rep = sharding.replicated
-        if sharding.strategy == "owner":
-            return _owner_msign(mats, sharding, **msign_kwargs)
-        return (
-            [rep(msign(rep(m), **msign_kwargs)) for m in mats]
-            if not group
-            else [rep(o) for o in grouped_msign([rep(m) for m in mats], True, None, **msign_kwargs)]
-        )
-    if not group:
-        return [msign(m, **msign_kwargs) for m in mats]
-    groups: dict = {}
-    for i, m in enumerate(mats):
-        groups.setdefault((m.shape[1:], m.dtype), []).append(i)
+    strategy = "none" if sharding is None else sharding.strategy
+    rep = (lambda x: x) if strategy == "none" else sharding.replicated
+
+    def run(stacked):
+        if strategy == "owner" and stacked.shape[0] % sharding.n_owner == 0:
+            return rep(msign(sharding.split_stack(stacked), **msign_kwargs))
+        # "owner" stacks that do not divide the devices fall back to gathering.
+        return rep(msign(rep(stacked), **msign_kwargs))
+
+    groups = _groups(mats) if group or strategy == "owner" else [[i] for i in range(len(mats))]
     out: list = [None] * len(mats)
-    for idx in groups.values():
+    for idx in groups:
         if len(idx) == 1:
-            out[idx[0]] = msign(mats[idx[0]], **msign_kwargs)
+            out[idx[0]] = run(mats[idx[0]])
             continue
-        sizes = [mats[i].shape[0] for i in idx]
-        stacked = msign(jnp.concatenate([mats[i] for i in idx], axis=0), **msign_kwargs)
+        res = run(jnp.concatenate([mats[i] for i in idx], axis=0))
         start = 0
-        for i, s in zip(idx, sizes, strict=True):
-            out[i] = stacked[start : start + s]
-            start += s
+        for i in idx:
+            out[i] = res[start : start + mats[i].shape[0]]
+            start += mats[i].shape[0]
     return out

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from manifold_optax._matrix import as_matrix
 from manifold_optax.labels import path_to_str
 from manifold_optax.linalg import msign
 from manifold_optax.manifolds import (
@@ -118,10 +119,6 @@ class RetractState(NamedTuple):
     v: tuple  # spectral sphere: power-iteration vectors per leaf (empty elsewhere)
 
 
-def _as_matrix(x):
-    return x if x.ndim >= 2 else x.reshape(1, -1)
-
-
 def _check_concrete_on_manifold(params, manifolds, tol):
     if tol is None:
         return
@@ -130,7 +127,7 @@ def _check_concrete_on_manifold(params, manifolds, tol):
     ):
         if m is None or isinstance(x, jax.core.Tracer):
             continue
-        d = float(m.distance(_as_matrix(jnp.asarray(x))))
+        d = float(m.distance(as_matrix(jnp.asarray(x))))
         # Low-precision parameters cannot sit closer than their rounding (bf16: ~4e-3).
         tol_eff = max(tol, 4 * float(jnp.finfo(jnp.result_type(x)).eps))
         if not d <= tol_eff:
@@ -193,11 +190,9 @@ def dual_ascent(
             if m is None:
                 out.append(LeafState(_empty(), _empty()))
                 continue
-            W = _as_matrix(jnp.asarray(x, jnp.float32))
+            W = as_matrix(jnp.asarray(x, jnp.float32))
             y = jnp.zeros(m.multiplier_shape(W.shape), jnp.float32)
-            aux = m.init_aux(W)
-            if isinstance(m, SpectralSphere):
-                aux = m.update_aux(W, aux, 4 * cfg.power_iters)
+            aux = m.update_aux(W, m.init_aux(W), cfg.power_iters)  # cold start where needed
             out.append(LeafState(y, aux.v))
         return DualAscentState(tuple(out))
 
@@ -215,8 +210,8 @@ def dual_ascent(
                 continue
             shape, dt = w.shape, w.dtype
             W, G = (
-                _as_matrix(w.astype(jnp.float32)),
-                _as_matrix(g.astype(jnp.float32)).reshape(_as_matrix(w).shape),
+                as_matrix(w.astype(jnp.float32)),
+                as_matrix(g.astype(jnp.float32)).reshape(as_matrix(w).shape),
             )
 
             if solver == "online" and isinstance(m, Sphere):
@@ -260,9 +255,9 @@ def _online_step(m: Manifold, G, W, Y, aux, cfg: SolverConfig, ms_kwargs, shardi
     eta = cfg.dual_learning_rate or m.default_dual_learning_rate
     y = Y - eta * m.constraint(W, phi, theta)
     # A zero gradient has no steepest direction: step nowhere, keep the multiplier.
-    zero = (scale == 0)[..., None, None]
-    phi = jnp.where(zero, 0.0, phi)
-    y = jnp.where(zero if y.ndim == phi.ndim else (scale == 0), Y, y)
+    zero = scale == 0  # [*batch]
+    phi = jnp.where(zero[..., None, None], 0.0, phi)
+    y = jnp.where(zero.reshape(zero.shape + (1,) * (y.ndim - zero.ndim)), Y, y)
     return phi, y, aux
 
 
@@ -283,11 +278,11 @@ def retract(
         manifolds = resolve_manifolds(manifold, params)
         vs = []
         for x, m in zip(jax.tree.leaves(params), manifolds, strict=True):
-            if isinstance(m, SpectralSphere):
-                W = _as_matrix(jnp.asarray(x, jnp.float32))
-                vs.append(m.update_aux(W, m.init_aux(W), 4 * power_iters).v)
-            else:
+            if m is None:
                 vs.append(_empty())
+            else:
+                W = as_matrix(jnp.asarray(x, jnp.float32))
+                vs.append(m.update_aux(W, m.init_aux(W), power_iters).v)
         return RetractState(tuple(vs))
 
     def update_fn(updates, state, params=None):
@@ -304,11 +299,11 @@ def retract(
 
             if isinstance(m, Sphere):
                 # A norm and a rescale: stays sharded (one scalar all-reduce).
-                new = m.retract(_as_matrix(w.astype(jnp.float32) + u.astype(jnp.float32)))
+                new = m.retract(as_matrix(w.astype(jnp.float32) + u.astype(jnp.float32)))
             else:
 
                 def leaf_retract(w, u, v, m=m):
-                    V = _as_matrix(w.astype(jnp.float32) + u.astype(jnp.float32))
+                    V = as_matrix(w.astype(jnp.float32) + u.astype(jnp.float32))
                     if isinstance(m, SpectralSphere):
                         aux = m.update_aux(V, Aux(v), power_iters)
                         return m.retract(V, aux), aux.v
@@ -334,7 +329,7 @@ def project_params(params, manifold_spec):
         if m is None:
             out.append(x)
             continue
-        W = _as_matrix(jnp.asarray(x, jnp.float32))
+        W = as_matrix(jnp.asarray(x, jnp.float32))
         if isinstance(m, SpectralSphere):
             s = jnp.linalg.svd(W, compute_uv=False)[..., 0]
             new = m.radius * W / jnp.where(s > 0, s, 1.0)[..., None, None]
@@ -373,7 +368,7 @@ def diagnostics(params, manifold_spec, opt_state=None, directions=None) -> dict:
     for i, (p, x, m) in enumerate(zip(paths, leaves, manifolds, strict=True)):
         if m is None:
             continue
-        W = _as_matrix(jnp.asarray(x, jnp.float32))
+        W = as_matrix(jnp.asarray(x, jnp.float32))
         entry = {"distance": m.distance(W)}
         if states and len(states[0].leaves) == len(leaves):
             entry["multiplier_norm"] = jnp.linalg.norm(states[0].leaves[i].y)

@@ -346,19 +346,15 @@ class SpectralSphere(Manifold):
         return max(1, min(self.block, shape[-2], shape[-1]))
 
     def init_aux(self, W):
-        return Aux(v=jnp.zeros(W.shape[:-2] + (W.shape[-1], self._p(W.shape)), jnp.float32))
+        return Aux(v=None)  # update_aux cold-starts the block
 
     def update_aux(self, W, aux, iters):
-        """Warm-started subspace iteration; ``aux.v`` holds the ``[*batch, cols, p]`` block."""
+        """Warm-started subspace iteration; ``aux.v`` holds the ``[*batch, cols, p]`` block.
+        Without one (``None``), a deterministic cold start (≥ 30 iterations)."""
         V0 = aux.v
-        cold = V0 is None or V0.shape[-1] == 0 or V0.shape[-2] != W.shape[-1]
-        if cold:
-            _, u, v, V = top_singular_subspace(W, None, iters, self.block)
-        else:
-            # An all-zero block (fresh state) gets a deterministic cold start instead.
-            fresh = jnp.all(V0 == 0)
-            V0 = jnp.where(fresh, _cold_block(W, V0.shape[-1]), V0)
-            _, u, v, V = top_singular_subspace(W, V0, iters, self.block)
+        if V0 is None or V0.shape[-2] != W.shape[-1]:
+            V0 = None
+        _, _, _, V = top_singular_subspace(W, V0, iters, self.block)
         return Aux(v=V)
 
     def _pair(self, W, aux):
@@ -390,14 +386,6 @@ class SpectralSphere(Manifold):
     def distance(self, W):
         s = jnp.linalg.svd(jnp.asarray(W, jnp.float32), compute_uv=False)[..., 0]
         return jnp.max(jnp.abs(s - self.radius)) / self.radius
-
-
-def _cold_block(W, p):
-    """A deterministic start block: the first p rows of W plus a fixed small random block."""
-    cols = W.shape[-1]
-    rows = W[..., :p, :] if W.shape[-2] >= p else jnp.zeros(W.shape[:-2] + (p, cols), W.dtype)
-    noise = jax.random.normal(jax.random.PRNGKey(0), W.shape[:-2] + (cols, p), W.dtype)
-    return _t(rows) + 1e-2 * noise * (jnp.max(jnp.abs(W), axis=(-2, -1), keepdims=True) + 1e-30)
 
 
 @dataclasses.dataclass(frozen=True)

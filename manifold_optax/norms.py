@@ -29,6 +29,7 @@ import math
 import jax
 import jax.numpy as jnp
 
+from manifold_optax._matrix import as_matrix
 from manifold_optax.linalg import msign, nuclear_norm
 
 __all__ = ["NORMS", "dualize_array", "dual_norm", "primal_norm", "check_norm"]
@@ -46,12 +47,6 @@ def _safe_div(a, b):
     return a / jnp.where(b > 0, b, 1.0)
 
 
-def _as_matrix(x):
-    if x.ndim >= 2:
-        return x
-    return x.reshape(1, -1)
-
-
 def dualize_array(norm: str, g: jax.Array, **msign_kwargs) -> jax.Array:
     """``argmax_{‖t‖=1} ⟨g, t⟩`` for one array (matrix norms read the last two axes; 0-D/1-D
     arrays count as ``(1, d)`` matrices)."""
@@ -61,7 +56,7 @@ def dualize_array(norm: str, g: jax.Array, **msign_kwargs) -> jax.Array:
     if norm == "sign":
         return jnp.sign(g)
     shape = g.shape
-    x = _as_matrix(g)
+    x = as_matrix(g)
     d_in, d_out = x.shape[-2], x.shape[-1]
     if norm in ("spectral", "rms"):
         y = msign(x, **msign_kwargs)
@@ -85,7 +80,7 @@ def dual_norm(norm: str, g: jax.Array) -> jax.Array:
         return jnp.sqrt(jnp.sum(g32 * g32))
     if norm == "sign":
         return jnp.sum(jnp.abs(g32))
-    x = _as_matrix(g32)
+    x = as_matrix(g32)
     d_in, d_out = x.shape[-2], x.shape[-1]
     if norm == "spectral":
         return jnp.sum(nuclear_norm(x))
@@ -104,7 +99,7 @@ def primal_norm(norm: str, w: jax.Array) -> jax.Array:
         return jnp.sqrt(jnp.sum(w32 * w32))
     if norm == "sign":
         return jnp.max(jnp.abs(w32))
-    x = _as_matrix(w32)
+    x = as_matrix(w32)
     d_in, d_out = x.shape[-2], x.shape[-1]
     if norm in ("spectral", "rms"):
         s = jnp.max(jnp.linalg.svd(x, compute_uv=False))

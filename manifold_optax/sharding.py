@@ -27,7 +27,6 @@ import math
 import re
 
 import jax
-import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -38,7 +37,6 @@ __all__ = [
     "collective_bytes",
     "replicate",
     "run_replicated",
-    "tree_bytes",
 ]
 
 STRATEGIES = ("gather", "owner", "none")
@@ -184,7 +182,3 @@ def collective_bytes(compiled) -> dict:
         out[kind] += total
     out["total"] = sum(out[k] for k in _COLLECTIVES)
     return out
-
-
-def tree_bytes(tree) -> int:
-    return sum(x.size * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
