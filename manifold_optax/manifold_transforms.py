@@ -106,9 +106,41 @@ def _empty():
     return None  # an empty pytree: no zero-size arrays (orbax cannot save those)
 
 
+def _flat_batch(x, nb: int):
+    """``x`` (or None) with its ``nb`` leading batch axes flattened into one."""
+    return None if x is None else x.reshape((-1,) + x.shape[nb:])
+
+
+def run_grouped(fn, items: list) -> list:
+    """Run ``fn(key, *arrays)`` once per group of items with equal ``key``.
+
+    ``items`` holds ``(key, arrays)`` with every array (or None) leading with the item's batch
+    axis; a group's arrays are concatenated along it, ``fn`` runs on the stack (one batched
+    msign / power iteration / polish instead of one per leaf: same-shape layers share every
+    kernel, issue 6), and the outputs (a tuple of such arrays or None) are split back.
+    """
+    groups: dict = {}
+    for i, (key, _) in enumerate(items):
+        groups.setdefault(key, []).append(i)
+    out: list = [None] * len(items)
+    for key, idx in groups.items():
+        if len(idx) == 1:
+            out[idx[0]] = fn(key, *items[idx[0]][1])
+            continue
+        cols = zip(*(items[i][1] for i in idx), strict=True)
+        stacked = [None if xs[0] is None else jnp.concatenate(xs, axis=0) for xs in cols]
+        res = fn(key, *stacked)
+        start = 0
+        for i in idx:
+            b = items[i][1][0].shape[0]
+            out[i] = tuple(None if r is None else r[start : start + b] for r in res)
+            start += b
+    return out
+
+
 class LeafState(NamedTuple):
     y: Any  # multiplier (normalized-gradient units): [*batch] or [*batch, m, m]; None off-manifold
-    v: Any  # spectral sphere: warm block of right singular vectors [*batch, cols, p]; else None
+    v: Any  # spectral sphere: warm power block [*batch, min(rows, cols), p]; else None
 
 
 class DualAscentState(NamedTuple):
@@ -202,38 +234,47 @@ def dual_ascent(
         manifolds = resolve_manifolds(manifold, params)
         g_leaves, treedef = jax.tree.flatten(updates)
         w_leaves = jax.tree.leaves(params)
-        new_u, new_s = [], []
-        for g, w, m, ls in zip(g_leaves, w_leaves, manifolds, state.leaves, strict=True):
+        items, where = [], []
+        for i, (g, w, m, ls) in enumerate(
+            zip(g_leaves, w_leaves, manifolds, state.leaves, strict=True)
+        ):
             if m is None:
-                new_u.append(g)
-                new_s.append(ls)
                 continue
-            shape, dt = w.shape, w.dtype
-            W, G = (
-                as_matrix(w.astype(jnp.float32)),
-                as_matrix(g.astype(jnp.float32)).reshape(as_matrix(w).shape),
-            )
+            W = as_matrix(w.astype(jnp.float32))
+            G = as_matrix(g.astype(jnp.float32)).reshape(W.shape)
+            nb = W.ndim - 2
+            args = tuple(_flat_batch(x, nb) for x in (G, W, ls.y, ls.v))
+            key = (m, args[1].shape[1:], None if ls.v is None else args[3].shape[1:])
+            items.append((key, args))
+            where.append(i)
 
+        def group_step(key, G, W, y, v):
+            m = key[0]
             if solver == "online" and isinstance(m, Sphere):
                 # Sharded parameters, sphere: everything is elementwise or a scalar reduction
                 # except the msign, whose input is gathered once (MATH.md §4).
-                phi, y, aux = _online_step(m, G, W, ls.y, Aux(ls.v), cfg, ms_kwargs, sharding)
-                v = aux.v
-            else:
+                phi, y, aux = _online_step(m, G, W, y, Aux(v), cfg, ms_kwargs, sharding)
+                return phi, y, aux.v
 
-                def leaf_step(G, W, y, v, m=m):
-                    if solver == "online":
-                        phi, y, aux = _online_step(m, G, W, y, Aux(v), cfg, ms_kwargs)
-                    else:
-                        phi, y, aux = m.solve(G, W, solver, Y=y, aux=Aux(v), config=cfg)
-                    return phi, y, aux.v
+            def leaf_step(G, W, y, v):
+                if solver == "online":
+                    phi, y, aux = _online_step(m, G, W, y, Aux(v), cfg, ms_kwargs)
+                else:
+                    phi, y, aux = m.solve(G, W, solver, Y=y, aux=Aux(v), config=cfg)
+                return phi, y, aux.v
 
-                # Otherwise gather W and G once and compute whole matrices on every device
-                # (shard_map): GSPMD would split the power / polar iterations into many
-                # small collectives (measured: more bytes than gathering).
-                phi, y, v = run_replicated(leaf_step, sharding, G, W, ls.y, ls.v)
-            new_u.append(phi.reshape(shape).astype(dt))
-            new_s.append(LeafState(y, v))
+            # Otherwise gather W and G once and compute whole matrices on every device
+            # (shard_map): GSPMD would split the power / polar iterations into many small
+            # collectives (measured: more bytes than gathering).
+            return run_replicated(leaf_step, sharding, G, W, y, v)
+
+        new_u, new_s = list(g_leaves), list(state.leaves)
+        for i, (phi, y, v) in zip(where, run_grouped(group_step, items), strict=True):
+            w, ls = w_leaves[i], state.leaves[i]
+            new_u[i] = phi.reshape(w.shape).astype(w.dtype)
+            new_s[i] = LeafState(
+                y.reshape(ls.y.shape), None if v is None else v.reshape(ls.v.shape)
+            )
         return jax.tree.unflatten(treedef, new_u), DualAscentState(tuple(new_s))
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
@@ -290,30 +331,38 @@ def retract(
             raise ValueError("retract needs params: call update(updates, state, params)")
         manifolds = resolve_manifolds(manifold, params)
         u_leaves, treedef = jax.tree.flatten(updates)
-        out, vs = [], []
-        for u, w, m, v in zip(u_leaves, jax.tree.leaves(params), manifolds, state.v, strict=True):
+        w_leaves = jax.tree.leaves(params)
+        items, where = [], []
+        for i, (u, w, m, v) in enumerate(zip(u_leaves, w_leaves, manifolds, state.v, strict=True)):
             if m is None:
-                out.append(u)
-                vs.append(v)
                 continue
+            V = as_matrix(w.astype(jnp.float32) + u.astype(jnp.float32))
+            nb = V.ndim - 2
+            args = (_flat_batch(V, nb), _flat_batch(v, nb))
+            items.append(((m, args[0].shape[1:], None if v is None else args[1].shape[1:]), args))
+            where.append(i)
 
+        def group_retract(key, V, v):
+            m = key[0]
             if isinstance(m, Sphere):
                 # A norm and a rescale: stays sharded (one scalar all-reduce).
-                new = m.retract(as_matrix(w.astype(jnp.float32) + u.astype(jnp.float32)))
-            else:
+                return m.retract(V), v
 
-                def leaf_retract(w, u, v, m=m):
-                    V = as_matrix(w.astype(jnp.float32) + u.astype(jnp.float32))
-                    if isinstance(m, SpectralSphere):
-                        aux = m.update_aux(V, Aux(v), power_iters)
-                        return m.retract(V, aux), aux.v
-                    return m.retract(V, exact=False), v
+            def leaf_retract(V, v):
+                if isinstance(m, SpectralSphere):
+                    aux = m.update_aux(V, Aux(v), power_iters)
+                    return m.retract(V, aux), aux.v
+                return m.retract(V, exact=False), v
 
-                # Block power iteration / polar polish on whole matrices (see dual_ascent).
-                new, v = run_replicated(leaf_retract, sharding, w, u, v)
-            vs.append(v)
+            # Block power iteration / polar polish on whole matrices (see dual_ascent).
+            return run_replicated(leaf_retract, sharding, V, v)
+
+        out, vs = list(u_leaves), list(state.v)
+        for i, (new, v) in zip(where, run_grouped(group_retract, items), strict=True):
+            w, u = w_leaves[i], u_leaves[i]
             new = new.reshape(w.shape).astype(w.dtype)
-            out.append((new - w).astype(u.dtype))
+            out[i] = (new - w).astype(u.dtype)
+            vs[i] = None if v is None else v.reshape(state.v[i].shape)
         return jax.tree.unflatten(treedef, out), RetractState(tuple(vs))
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
