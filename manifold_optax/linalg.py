@@ -227,23 +227,28 @@ def msign_svd(x: jax.Array) -> jax.Array:
     x = jnp.asarray(x)
     _check_matrix(x)
     acc = _accum_dtype(x.dtype)
-    u, s, vh = jnp.linalg.svd(x.astype(acc), full_matrices=False)
+    u, s, vh = per_matrix(lambda a: jnp.linalg.svd(a, full_matrices=False), x.astype(acc))
     keep = (s > _svd_tol(s, x.shape, acc)).astype(acc)
     return (_mm(u * keep[..., None, :], vh, jax.lax.Precision.HIGHEST, acc)).astype(x.dtype)
+
+
+def singular_values(x: jax.Array) -> jax.Array:
+    """Singular values (descending) of each matrix of ``[*batch, m, n]`` (see :func:`per_matrix`)."""
+    return per_matrix(lambda a: jnp.linalg.svd(a, compute_uv=False), x)
 
 
 def nuclear_norm(x: jax.Array) -> jax.Array:
     """``‖x‖_* = Σσ_i`` over the last two axes (SVD, in float32 or float64)."""
     x = jnp.asarray(x)
     _check_matrix(x)
-    return jnp.sum(jnp.linalg.svd(x.astype(_accum_dtype(x.dtype)), compute_uv=False), axis=-1)
+    return jnp.sum(singular_values(x.astype(_accum_dtype(x.dtype))), axis=-1)
 
 
 def spectral_norm(x: jax.Array) -> jax.Array:
     """``‖x‖₂ = σ_max`` over the last two axes (exact, by SVD)."""
     x = jnp.asarray(x)
     _check_matrix(x)
-    return jnp.max(jnp.linalg.svd(x.astype(_accum_dtype(x.dtype)), compute_uv=False), axis=-1)
+    return jnp.max(singular_values(x.astype(_accum_dtype(x.dtype))), axis=-1)
 
 
 def top_singular_pair(x: jax.Array, v0: jax.Array | None = None, iters: int = 30):
@@ -287,6 +292,25 @@ def top_singular_pair(x: jax.Array, v0: jax.Array | None = None, iters: int = 30
     sigma = jnp.linalg.norm(xv, axis=-1)
     u = _unit(xv, ones_rows)
     return sigma, u, v
+
+
+def per_matrix(f, *xs):
+    """``f`` (a LAPACK-backed function of single matrices: QR, eigh, SVD) over the leading
+    batch axes shared by ``xs``; the outputs get the batch axes back.
+
+    On the CPU backend the matrices go one at a time (``lax.map``) instead of as one batched
+    call: jaxlib 0.10's batched LAPACK kernels spread the batch over XLA's intra-op thread
+    pool from inside a thunk running on that pool (``jax::ParallelBatchMap``), and when XLA
+    schedules several of them concurrently they deadlock (reproduced: three independent batched
+    ``(8, 256, 32)`` QRs in one jitted function hang on 2 cores; so did batched eigh in the
+    grouped spectral-sphere step). Other backends get the batched call.
+    """
+    batch = xs[0].shape[:-2]
+    if not batch or jax.default_backend() != "cpu":
+        return f(*xs)
+    flat = tuple(x.reshape((-1,) + x.shape[len(batch) :]) for x in xs)
+    out = jax.lax.map(lambda a: f(*a), flat)
+    return jax.tree.map(lambda o: o.reshape(batch + o.shape[1:]), out)
 
 
 def top_singular_subspace(
@@ -338,13 +362,13 @@ def top_singular_subspace(
 
     # Cold starts take many steps: orthonormalize every 4 so no direction is lost on the way.
     def chunk(_, V):
-        return jnp.linalg.qr(jax.lax.fori_loop(0, 4, body, V))[0]
+        return per_matrix(jnp.linalg.qr, jax.lax.fori_loop(0, 4, body, V))[0]
 
     V = jax.lax.fori_loop(0, int(iters) // 4 if v0 is None else 0, chunk, unit_columns(V))
     rest = int(iters) % 4 if v0 is None else int(iters)
-    V = jnp.linalg.qr(jax.lax.fori_loop(0, rest, body, V))[0]
+    V = per_matrix(jnp.linalg.qr, jax.lax.fori_loop(0, rest, body, V))[0]
     B = jnp.matmul(xa, V, precision=hp)
-    evals, evecs = jnp.linalg.eigh(jnp.matmul(jnp.swapaxes(B, -1, -2), B, precision=hp))
+    evals, evecs = per_matrix(jnp.linalg.eigh, jnp.matmul(jnp.swapaxes(B, -1, -2), B, precision=hp))
     c = evecs[..., :, -1]
     sigma = jnp.sqrt(jnp.maximum(evals[..., -1], 0.0))
     v = jnp.einsum("...ij,...j->...i", V, c, precision=hp)

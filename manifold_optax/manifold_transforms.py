@@ -18,7 +18,7 @@ import optax
 
 from manifold_optax._matrix import as_matrix
 from manifold_optax.labels import path_to_str
-from manifold_optax.linalg import msign
+from manifold_optax.linalg import msign, singular_values
 from manifold_optax.manifolds import (
     SOLVERS,
     Aux,
@@ -281,11 +281,16 @@ def dual_ascent(
 
 
 def _online_step(m: Manifold, G, W, Y, aux, cfg: SolverConfig, ms_kwargs, sharding=None):
-    """One msign: ``Φ = msign(Ĝ + C*(Y))``, then ``Y ← Y − η₂·C(Φ)``.
+    """One msign: ``Φ = msign(Ĝ + C*(Y))``, then ``Y ← Y − η₂·C(Φ)``; returns ``Φ`` projected
+    onto the tangent space, ``Φ − C*(C(Φ)/‖Θ‖²)`` (reusing ``C(Φ)``; for Stiefel ``Φ − W·C``).
 
-    With ``sharding``, ``Ĝ + C*(Y)`` is formed where the parameter lives (elementwise, or a
-    local matmul ``WX`` for Stiefel), gathered once for the msign, and the residual ``C(Φ)``
-    is a local product plus a small all-reduce.
+    The projection costs one product and moves ``Φ`` by the multiplier's current residual:
+    while ``Y`` is still converging (or the gradient keeps turning) a normal component of
+    size O(residual) would otherwise reach the retraction, which removes it anyway to first
+    order — at the price of extra polish steps (Stiefel) and a perturbed top singular pair
+    (spectral sphere). With ``sharding``, ``Ĝ + C*(Y)`` is formed where the parameter lives
+    (elementwise, or a local matmul ``WX`` for Stiefel), gathered once for the msign, and the
+    residual ``C(Φ)`` is a local product plus a small all-reduce.
     """
     aux = m.update_aux(W, aux, cfg.power_iters)
     scale = jnp.sqrt(jnp.sum(G * G, axis=(-2, -1)) / min(G.shape[-2:]))
@@ -294,7 +299,9 @@ def _online_step(m: Manifold, G, W, Y, aux, cfg: SolverConfig, ms_kwargs, shardi
     Z = replicate(Gn + m.adjoint(W, Y, theta), sharding)
     phi = replicate(msign(Z, **ms_kwargs), sharding)
     eta = cfg.dual_learning_rate or m.default_dual_learning_rate
-    y = Y - eta * m.constraint(W, phi, theta)
+    c = m.constraint(W, phi, theta)
+    y = Y - eta * c
+    phi = m.remove_normal(W, phi, c, theta)
     # A zero gradient has no steepest direction: step nowhere, keep the multiplier.
     zero = scale == 0  # [*batch]
     phi = jnp.where(zero[..., None, None], 0.0, phi)
@@ -380,7 +387,7 @@ def project_params(params, manifold_spec):
             continue
         W = as_matrix(jnp.asarray(x, jnp.float32))
         if isinstance(m, SpectralSphere):
-            s = jnp.linalg.svd(W, compute_uv=False)[..., 0]
+            s = singular_values(W)[..., 0]
             new = m.radius * W / jnp.where(s > 0, s, 1.0)[..., None, None]
         elif isinstance(m, Stiefel):
             new = m.retract(W, exact=True)
