@@ -223,6 +223,7 @@ def manifold_muon(
     adam_weight_decay: float = 0.0,
     muon_weight_decay: float = 0.0,
     sharding=None,
+    group: bool | None = None,
 ) -> optax.GradientTransformation:
     r"""Manifold Muon: steepest descent under the spectral norm that keeps weights on a manifold.
 
@@ -237,8 +238,8 @@ def manifold_muon(
         ``Manifold | None``, or a callable ``params → such a tree``.
       solver: ``"online"`` (default: one dual step per training step, the multiplier in the
         state — one msign per step), ``"dual_ascent"``, ``"exact"`` or ``"fixed_point"``.
-      dual_learning_rate, inner_steps, ns_steps, ns_coeffs, exact_config, init_tolerance: see
-        :func:`dual_ascent`.
+      dual_learning_rate, inner_steps, ns_steps, ns_coeffs, exact_config, init_tolerance,
+        sharding, group: see :func:`dual_ascent`.
 
     The explicit chain ``optax.chain(momentum(beta), dual_ascent(manifold, solver),
     optax.scale_by_learning_rate(learning_rate), retract(manifold))`` computes the same update
@@ -263,9 +264,10 @@ def manifold_muon(
             exact_config=exact_config,
             init_tolerance=init_tolerance,
             sharding=sharding,
+            group=group,
         ),
         optax.scale_by_learning_rate(learning_rate),
-        retract(manifold, sharding=sharding),
+        retract(manifold, sharding=sharding, group=group),
     )
     if fallback == "adamw":
         fallback_tx = adamw_fallback(

@@ -236,7 +236,7 @@ def test_grouped_leaves_match_one_leaf_at_a_time(m, rng):
     params = {f"w{i}": _point(m, (24, 16), rng) for i in range(3)}
     params["u"] = _point(m, (16, 40), rng)
     grads = jax.tree.map(lambda p: jnp.asarray(rng.standard_normal(p.shape), jnp.float32), params)
-    tx = mo.manifold_muon(0.05, m)
+    tx = mo.manifold_muon(0.05, m, group=True)
     state = tx.init(params)
     single = {k: tx.init({k: params[k]}) for k in params}
     for _ in range(2):
@@ -268,7 +268,7 @@ params = {f"{n}{b}": jax.random.normal(jax.random.PRNGKey(b), s) for n, s in sha
           for b in range(4)}
 m = mo.SpectralSphere(1.0)
 params = mo.project_params(params, m)
-tx = mo.manifold_muon(0.02, m)
+tx = mo.manifold_muon(0.02, m, group=True)
 state = tx.init(params)
 step = jax.jit(lambda p, s, g: tx.update(g, s, p))
 for _ in range(3):
