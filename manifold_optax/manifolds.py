@@ -107,6 +107,11 @@ class Manifold:
     vector_ok: bool = False
     #: Dual step η₂ used when none is given (measured: fastest stable online convergence).
     default_dual_learning_rate: float = 0.5
+    #: Whether the dual-ascent solvers return Φ projected onto the tangent space. Stiefel
+    #: does: a normal component (the multiplier's residual) would cost the polar retraction
+    #: extra polish steps. The spheres keep the raw direction: their rescaling retraction
+    #: removes the radial part itself, which then acts as Su's adaptive weight decay.
+    project_dual_direction: bool = False
 
     # --- geometry -------------------------------------------------------------------------
     def theta(self, W, aux: Aux | None = None):  # scalar-multiplier manifolds
@@ -188,13 +193,15 @@ class Manifold:
         else:
             Y = jnp.asarray(Y, W.dtype)
         Phi, Y = self._solve(Gn, W, Y, aux, solver, config)
-        # Project onto the tangent space: removes the residual of a dual-ascent multiplier
-        # (see the online transform) and the float32 floor of the exact solvers; those also
-        # rescale to ‖Φ‖₂ ≤ 1 (moves Φ by O(residual); the duality gap certifies the result).
-        Phi = self.project_tangent(W, Phi, aux)
         if solver in ("exact", "fixed_point"):
+            # Final feasibility polish: remove the float32 floor of the iteration's residual by
+            # projecting onto the tangent space and rescaling to ‖Φ‖₂ ≤ 1 (moves Φ by
+            # O(residual); the duality gap certifies the result).
+            Phi = self.project_tangent(W, Phi, aux)
             s1 = singular_values(Phi)[..., 0]
             Phi = Phi / jnp.maximum(s1, 1.0)[..., None, None]
+        elif self.project_dual_direction:
+            Phi = self.project_tangent(W, Phi, aux)  # as the online transform
         # A zero gradient has no steepest direction: return Φ = 0 (never an arbitrary frame).
         Phi = jnp.where((_fro(G) > 0)[..., None, None], Phi, 0.0)
         return unflat(Phi.astype(out_dtype)), Y, aux
@@ -409,6 +416,7 @@ class Stiefel(Manifold):
 
     retract_steps: int = 8  # cap of the polish loop (it stops at float32 accuracy)
     default_dual_learning_rate = 0.1
+    project_dual_direction = True
 
     # Everything below works on the tall orientation.
     @staticmethod
@@ -493,16 +501,20 @@ class Stiefel(Manifold):
             c2 = jnp.where(c2 > 0, c2, 1.0)[..., None, None]
             return X / jnp.sqrt(c2), A / c2
 
+        def full_gram(X):
+            # No renormalization after msign: its σ are already in [0, 1.01], and scaling by the
+            # RMS σ would push a rank-deficient matrix's nonzero σ out of the quintic's basin.
+            X = full(X)
+            return X, _mm(_t(X), X)
+
         if exact is None or exact:
-            X, A = normalized_gram(full(X))
+            X, A = full_gram(X)
         else:
             X, A = normalized_gram(X)
             # ‖A − I‖₂ ≤ max row sum (A symmetric); below 0.8 every σ lies in [0.45, 1.34],
             # inside the quintic's basin. Otherwise (never-projected parameters) go exact.
             bound = jnp.max(jnp.sum(jnp.abs(A - eye), axis=-1))
-            X, A = jax.lax.cond(
-                bound > 0.8, lambda X, A: normalized_gram(full(X)), lambda X, A: (X, A), X, A
-            )
+            X, A = jax.lax.cond(bound > 0.8, lambda X, A: full_gram(X), lambda X, A: (X, A), X, A)
 
         def quintic(A):
             return 1.875 * eye - 1.25 * A + 0.375 * _mm(A, A)
