@@ -294,9 +294,11 @@ def top_singular_pair(x: jax.Array, v0: jax.Array | None = None, iters: int = 30
     return sigma, u, v
 
 
-def per_matrix(f, *xs):
+def per_matrix(f, *xs, always: bool = False):
     """``f`` (a LAPACK-backed function of single matrices: QR, eigh, SVD) over the leading
-    batch axes shared by ``xs``; the outputs get the batch axes back.
+    batch axes shared by ``xs``; the outputs get the batch axes back. ``always=True`` maps
+    one matrix at a time on every backend (for ``f`` that only takes single matrices, e.g. a
+    solver loop that stops at its own iteration count).
 
     On the CPU backend the matrices go one at a time (``lax.map``) instead of as one batched
     call: jaxlib 0.10's batched LAPACK kernels spread the batch over XLA's intra-op thread
@@ -306,7 +308,7 @@ def per_matrix(f, *xs):
     grouped spectral-sphere step). Other backends get the batched call.
     """
     batch = xs[0].shape[:-2]
-    if not batch or jax.default_backend() != "cpu":
+    if not batch or (not always and jax.default_backend() != "cpu"):
         return f(*xs)
     flat = tuple(x.reshape((-1,) + x.shape[len(batch) :]) for x in xs)
     out = jax.lax.map(lambda a: f(*a), flat)

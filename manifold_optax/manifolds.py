@@ -599,18 +599,6 @@ def _su_map(G, W, WtG, X):
     return _sym(Fx), Phi, jnp.sqrt(jnp.sum(R * R)) / math.sqrt(m)
 
 
-def _map_batch(f, *args):
-    """``f`` over the leading batch axes of ``args``, one matrix at a time (``lax.map``): each
-    solve stops at its own iteration count, and no batched LAPACK call is formed (see
-    :func:`~manifold_optax.linalg.per_matrix`)."""
-    batch = args[0].shape[:-2]
-    if not batch:
-        return f(*args)
-    flat = [a.reshape((-1,) + a.shape[len(batch) :]) for a in args]
-    out = jax.lax.map(lambda xs: f(*xs), tuple(flat))
-    return jax.tree.map(lambda o: o.reshape(batch + o.shape[1:]), out)
-
-
 def _stiefel_anderson(Gt, Wt, X0, config, depth: int = 12):
     """Su's fixed point accelerated by Anderson mixing (type II, depth ``depth``).
 
@@ -659,7 +647,8 @@ def _stiefel_anderson(Gt, Wt, X0, config, depth: int = 12):
         _, Phi, Xb, _ = c[4]
         return Phi, Xb, c[3]
 
-    return _map_batch(one, Gt, Wt, _sym(X0))
+    # One matrix at a time: each solve stops at its own count; no batched LAPACK call.
+    return per_matrix(one, Gt, Wt, _sym(X0), always=True)
 
 
 def _stiefel_fixed_point(Gt, Wt, X0, config):
@@ -679,4 +668,5 @@ def _stiefel_fixed_point(Gt, Wt, X0, config):
         c = jax.lax.while_loop(lambda c: (c[2] > config.tol) & (c[1] < config.max_iters), body, c)
         return c[3], c[0], c[1]
 
-    return _map_batch(one, Gt, Wt, _sym(X0))
+    # One matrix at a time: each solve stops at its own count; no batched LAPACK call.
+    return per_matrix(one, Gt, Wt, _sym(X0), always=True)
