@@ -10,6 +10,7 @@ from manifold_optax.linalg import (
     spectral_norm,
     top_singular_pair,
 )
+from manifold_optax.manifold_step import ManifoldStepState, manifold_step
 from manifold_optax.manifold_transforms import (
     DualAscentState,
     RetractState,
@@ -65,12 +66,14 @@ __all__ = [
     "SolverConfig",
     "dual_ascent",
     "retract",
+    "manifold_step",
     "by_shape",
     "project_params",
     "diagnostics",
     "resolve_manifolds",
     "DualAscentState",
     "RetractState",
+    "ManifoldStepState",
     "MsignSharding",
     "state_shardings",
     "collective_bytes",

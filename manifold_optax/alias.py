@@ -9,12 +9,8 @@ import optax
 
 from manifold_optax import norms as _norms
 from manifold_optax.labels import FALLBACK, MATRIX, label_params
-from manifold_optax.manifold_transforms import (
-    DEFAULT_INIT_TOLERANCE,
-    dual_ascent,
-    resolve_manifolds,
-    retract,
-)
+from manifold_optax.manifold_step import manifold_step
+from manifold_optax.manifold_transforms import DEFAULT_INIT_TOLERANCE, resolve_manifolds
 from manifold_optax.transforms import dualize, momentum, orthogonalize, scale_by_shape
 
 __all__ = ["muon", "manifold_muon", "trust_region", "adamw_fallback", "param_labels_fn"]
@@ -227,9 +223,9 @@ def manifold_muon(
 ) -> optax.GradientTransformation:
     r"""Manifold Muon: steepest descent under the spectral norm that keeps weights on a manifold.
 
-    Manifold leaves: :func:`momentum` → :func:`dual_ascent` (``Φ = msign(G + C_W*(Y))`` and
-    the multiplier update) → learning rate → :func:`retract`, i.e.
-    ``W ← R(W − η·Φ)``. Every other leaf goes to AdamW (``fallback="adamw"``) or to
+    Manifold leaves: :func:`momentum` → :func:`manifold_step` (``Φ = msign(G + C_W*(Y))``
+    and the multiplier update, the learning rate and the retraction, fused so that they share
+    products and gathers), i.e. ``W ← R(W − η·Φ)``. Every other leaf goes to AdamW (``fallback="adamw"``) or to
     :func:`muon` (``fallback="muon"``; its own non-matrix leaves then go to AdamW).
 
     Args:
@@ -243,7 +239,8 @@ def manifold_muon(
 
     The explicit chain ``optax.chain(momentum(beta), dual_ascent(manifold, solver),
     optax.scale_by_learning_rate(learning_rate), retract(manifold))`` computes the same update
-    for the manifold leaves.
+    for the manifold leaves (to float32 round-off; the spectral sphere's chain estimates ``Θ``
+    with its own power block instead of reusing the retraction's top pair).
 
     References: Bernstein, "Modular Manifolds" (Thinking Machines, 2025); Su, "Steepest descent
     on manifolds" 1–5 (2025).
@@ -254,8 +251,9 @@ def manifold_muon(
         adam_learning_rate = learning_rate
     manifold_tx = optax.chain(
         momentum(beta, nesterov=nesterov, bias_correction=bias_correction, mu_dtype=mu_dtype),
-        dual_ascent(
+        manifold_step(
             manifold,
+            learning_rate,
             solver,
             dual_learning_rate=dual_learning_rate,
             inner_steps=inner_steps,
@@ -266,8 +264,6 @@ def manifold_muon(
             sharding=sharding,
             group=group,
         ),
-        optax.scale_by_learning_rate(learning_rate),
-        retract(manifold, sharding=sharding, group=group),
     )
     if fallback == "adamw":
         fallback_tx = adamw_fallback(

@@ -316,7 +316,12 @@ def per_matrix(f, *xs, always: bool = False):
 
 
 def top_singular_subspace(
-    x: jax.Array, v0: jax.Array | None = None, iters: int = 10, block: int = 8
+    x: jax.Array,
+    v0: jax.Array | None = None,
+    iters: int = 10,
+    block: int = 8,
+    *,
+    gram: bool = True,
 ):
     """Top singular triple by block power (subspace) iteration with Rayleigh–Ritz.
 
@@ -326,10 +331,18 @@ def top_singular_subspace(
     the columns rescaled to unit norm each step and one Householder QR at the end (subspace
     iteration orthonormalizes only for numerics; directions more than ~10⁶ below the top in
     ``(σ_j/σ₁)^{2·iters}`` are lost, and none of them matter for the top singular value).
-    The top eigenpair of the ``p×p`` matrix ``(AQ)ᵀ(AQ)`` then gives ``σ₁`` and the top pair.
+    The top eigenpair of the ``p×p`` matrix ``QᵀAᵀAQ`` then gives ``σ₁`` and the top pair.
     Unlike a single vector, the block resolves a cluster of up to ``p`` nearly equal top
     singular values (which the spectral sphere produces), so ``σ₁`` stays accurate there.
     Warm-start with the previous block (it need not be orthonormal).
+
+    ``gram=True`` forms the short-side Gram ``AᵀA`` once (one compute-bound product) and
+    iterates with it: each step is then an ``s×s`` by ``s×p`` product instead of two thin
+    products with ``A``, which run far below the matmul rate on CPUs (memory-bound). The
+    eigenvalues of the float32 Gram are accurate to ``‖A‖²·ε``, so ``σ₁`` keeps float32
+    accuracy (measured ≤ 6e-7 relative against a float64 SVD). The default; measured on 2 CPU
+    cores, 6 warm iterations with ``p = 32``: 256×256 0.93 → 0.62 ms, 1024×256 2.8 → 1.3 ms,
+    256×1024 4.6 → 1.1 ms; with 2 iterations it is never more than 10% slower.
 
     Returns ``(sigma [*batch], u [*batch, rows], v [*batch, cols], Q [*batch, s, p])``.
     """
@@ -338,29 +351,40 @@ def top_singular_subspace(
     acc = _accum_dtype(x.dtype)
     xa = x.astype(acc)
     wide = x.shape[-2] < x.shape[-1]
-    if wide:
-        xa = jnp.swapaxes(xa, -1, -2)
-    rows, cols = xa.shape[-2:]  # rows ≥ cols = s
-    p = max(1, min(block, rows, cols))
+    s_dim, l_dim = (x.shape[-2], x.shape[-1]) if wide else (x.shape[-1], x.shape[-2])
+    p = max(1, min(block, s_dim))
     hp = jax.lax.Precision.HIGHEST
+    # Products with x as stored (no transposed copy: on CPU a materialized transpose of a wide
+    # matrix doubled the iteration's time). "s" is the short side, "l" the long one.
+    xs = "...sl" if wide else "...ls"
+    ein = lambda spec, *ops: jnp.einsum(spec, *ops, precision=hp)
+    to_long = lambda V: ein(f"{xs},...sp->...lp", xa, V)  # A·V
+    to_short = lambda Y: ein(f"{xs},...lp->...sp", xa, Y)  # Aᵀ·Y
     if v0 is None:
-        # Cold start: the p largest rows (deterministic), plus a fixed pseudo-random block.
+        # Cold start: the p largest long-side slices (deterministic), plus a fixed
+        # pseudo-random block.
         key = jax.random.PRNGKey(0)
-        V = xa[..., :p, :]
-        V = jnp.swapaxes(V, -1, -2) + jax.random.normal(key, xa.shape[:-2] + (cols, p), acc) * (
+        first = xa[..., :p, :] if not wide else jnp.swapaxes(xa[..., :, :p], -1, -2)
+        V = jnp.swapaxes(first, -1, -2) + jax.random.normal(key, x.shape[:-2] + (s_dim, p), acc) * (
             1e-2 * jnp.max(jnp.abs(xa), axis=(-2, -1), keepdims=True) + 1e-30
         )
         iters = max(int(iters), 30)
     else:
         V = jnp.asarray(v0, acc)
 
+    if gram:
+        S = ein(f"{xs},{xs.replace('s', 't')}->...st", xa, xa)
+        S = 0.5 * (S + jnp.swapaxes(S, -1, -2))
+        apply = lambda V: jnp.matmul(S, V, precision=hp)
+    else:
+        apply = lambda V: to_short(to_long(V))
+
     def unit_columns(Y):
         n = jnp.sqrt(jnp.sum(Y * Y, axis=-2, keepdims=True))
         return Y / jnp.where(n > 0, n, 1.0)
 
     def body(_, V):
-        XV = jnp.matmul(xa, V, precision=hp)
-        return unit_columns(jnp.matmul(jnp.swapaxes(xa, -1, -2), XV, precision=hp))
+        return unit_columns(apply(V))
 
     # Cold starts take many steps: orthonormalize every 4 so no direction is lost on the way.
     def chunk(_, V):
@@ -369,15 +393,16 @@ def top_singular_subspace(
     V = jax.lax.fori_loop(0, int(iters) // 4 if v0 is None else 0, chunk, unit_columns(V))
     rest = int(iters) % 4 if v0 is None else int(iters)
     V = per_matrix(jnp.linalg.qr, jax.lax.fori_loop(0, rest, body, V))[0]
-    B = jnp.matmul(xa, V, precision=hp)
-    evals, evecs = per_matrix(jnp.linalg.eigh, jnp.matmul(jnp.swapaxes(B, -1, -2), B, precision=hp))
+    if gram:
+        H = jnp.matmul(jnp.swapaxes(V, -1, -2), apply(V), precision=hp)
+    else:
+        B = to_long(V)
+        H = jnp.matmul(jnp.swapaxes(B, -1, -2), B, precision=hp)
+    evals, evecs = per_matrix(jnp.linalg.eigh, 0.5 * (H + jnp.swapaxes(H, -1, -2)))
     c = evecs[..., :, -1]
     sigma = jnp.sqrt(jnp.maximum(evals[..., -1], 0.0))
-    v = jnp.einsum("...ij,...j->...i", V, c, precision=hp)
-    u = (
-        jnp.einsum("...ij,...j->...i", B, c, precision=hp)
-        / jnp.where(sigma > 0, sigma, 1.0)[..., None]
-    )
+    v = jnp.einsum("...ij,...j->...i", V, c, precision=hp)  # short side
+    u = ein(f"{xs},...s->...l", xa, v) / jnp.where(sigma > 0, sigma, 1.0)[..., None]
     if wide:
         u, v = v, u
     return sigma, u, v, V

@@ -272,12 +272,13 @@ def dual_ascent(
             if solver == "online" and isinstance(m, Sphere):
                 # Sharded parameters, sphere: everything is elementwise or a scalar reduction
                 # except the msign, whose input is gathered once (MATH.md §4).
-                phi, y, aux = _online_step(m, G, W, y, Aux(v), cfg, ms_kwargs, sharding)
-                return phi, y, aux.v
+                phi, y = _online_step(m, G, W, y, m.theta(W), cfg, ms_kwargs, sharding)
+                return phi, y, v
 
             def leaf_step(G, W, y, v):
                 if solver == "online":
-                    phi, y, aux = _online_step(m, G, W, y, Aux(v), cfg, ms_kwargs)
+                    aux = m.update_aux(W, Aux(v), cfg.power_iters)
+                    phi, y = _online_step(m, G, W, y, m.theta(W, aux), cfg, ms_kwargs)
                 else:
                     phi, y, aux = m.solve(G, W, solver, Y=y, aux=Aux(v), config=cfg)
                 return phi, y, aux.v
@@ -301,32 +302,27 @@ def dual_ascent(
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-def _online_step(m: Manifold, G, W, Y, aux, cfg: SolverConfig, ms_kwargs, sharding=None):
-    """One msign: ``Φ = msign(Ĝ + C*(Y))``, then ``Y ← Y − η₂·C(Φ)``. Stiefel returns ``Φ``
-    projected onto the tangent space, ``Φ − W·C(Φ)`` (reusing ``C(Φ)``: one product): while
-    ``Y`` is still converging, or the gradient keeps turning, a normal component of the size
-    of the residual would otherwise reach the polar retraction, which removes it to first
-    order anyway but needs 2–3 more polish steps to do so (see
-    ``Manifold.project_dual_direction``). With ``sharding``, ``Ĝ + C*(Y)`` is formed where the parameter lives
-    (elementwise, or a local matmul ``WX`` for Stiefel), gathered once for the msign, and the
-    residual ``C(Φ)`` is a local product plus a small all-reduce.
+def _online_step(m: Manifold, G, W, Y, theta, cfg: SolverConfig, ms_kwargs, sharding=None):
+    """One msign: ``Φ = msign(Ĝ + C*(Y))``, then ``Y ← Y − η₂·C(Φ)`` (``Ĝ = G/RMS-σ(G)``; see
+    :meth:`Manifold.dual_step`: Stiefel returns ``Φ`` projected onto the tangent space, reusing
+    ``C(Φ)``, and takes the closed form when square). With ``sharding`` (spheres),
+    ``Ĝ + C*(Y)`` is formed where the parameter lives (elementwise), gathered once for the
+    msign, and the residual is a local product plus a scalar all-reduce. Returns ``(Φ, Y)``.
     """
-    aux = m.update_aux(W, aux, cfg.power_iters)
     scale = jnp.sqrt(jnp.sum(G * G, axis=(-2, -1)) / min(G.shape[-2:]))
     Gn = G / jnp.where(scale > 0, scale, 1.0)[..., None, None]
-    theta = m.theta(W, aux)
-    Z = replicate(Gn + m.adjoint(W, Y, theta), sharding)
-    phi = replicate(msign(Z, **ms_kwargs), sharding)
     eta = cfg.dual_learning_rate or m.default_dual_learning_rate
-    c = m.constraint(W, phi, theta)
-    y = Y - eta * c
-    if m.project_dual_direction:
-        phi = m.remove_normal(W, phi, c, theta)
+
+    def msign_fn(Z):
+        return replicate(msign(replicate(Z, sharding), **ms_kwargs), sharding)
+
+    phi, y = m.dual_step(Gn, W, Y, theta, eta, msign_fn)
     # A zero gradient has no steepest direction: step nowhere, keep the multiplier.
     zero = scale == 0  # [*batch]
     phi = jnp.where(zero[..., None, None], 0.0, phi)
-    y = jnp.where(zero.reshape(zero.shape + (1,) * (y.ndim - zero.ndim)), Y, y)
-    return phi, y, aux
+    if Y is not None:  # (square Stiefel's closed form needs no multiplier in)
+        y = jnp.where(zero.reshape(zero.shape + (1,) * (y.ndim - zero.ndim)), Y, y)
+    return phi, y
 
 
 def retract(
@@ -442,7 +438,14 @@ def diagnostics(params, manifold_spec, opt_state=None, directions=None) -> dict:
     manifolds = resolve_manifolds(manifold_spec, params)
     leaves = jax.tree.leaves(params)
     paths = _paths(params)
-    states = _find_states(opt_state, DualAscentState) if opt_state is not None else []
+    states = []
+    if opt_state is not None:
+        # The fused manifold_step state carries the same multiplier and block per leaf.
+        from manifold_optax.manifold_step import ManifoldStepState
+
+        states = _find_states(opt_state, DualAscentState) + _find_states(
+            opt_state, ManifoldStepState
+        )
     d_leaves = jax.tree.leaves(directions) if directions is not None else None
     out = {}
     for i, (p, x, m) in enumerate(zip(paths, leaves, manifolds, strict=True)):
@@ -456,7 +459,7 @@ def diagnostics(params, manifold_spec, opt_state=None, directions=None) -> dict:
             phi = jnp.asarray(d_leaves[i], jnp.float32).reshape(W.shape)
             aux = None
             if isinstance(m, SpectralSphere) and states:
-                aux = Aux(states[0].leaves[i].v)
+                aux = Aux(states[0].leaves[i].v)  # the block (refined from W itself)
             entry["tangent_violation"] = jnp.max(m.tangent_violation(W, phi, aux))
         out[p] = entry
     return out

@@ -9,11 +9,13 @@ retraction; solvers differ only in how they find ``Y``:
 
 * ``"exact"`` — spheres: safeguarded regula falsi (Illinois) on the nondecreasing scalar
   ``h(λ) = ⟨Θ, msign(G + λΘ)⟩``; Stiefel: Su's fixed point accelerated by Anderson mixing
-  (converges at every aspect ratio; square Stiefel uses the closed form
-  ``Φ = W·msign(skew(WᵀG))``);
+  (converges at every aspect ratio);
 * ``"fixed_point"`` — Stiefel: Su's Lyapunov fixed point (fast for tall, skinny matrices);
 * ``"dual_ascent"`` — ``k`` steps ``Y ← Y − η₂·C_W(Φ)`` from a warm start, on a normalized G;
 * ``"online"`` — one such step per training step, ``Y`` carried in the optimizer state.
+
+Square Stiefel takes the closed form ``Φ = W·msign(skew(WᵀG))`` under every solver: it is exact
+and costs less than one dual step.
 
 Manifold objects are frozen dataclasses: hashable static configuration, leaves in any tree
 prefix, never traced. Arrays are ``[*batch, n, m]``; 0-D/1-D leaves are only valid for
@@ -164,6 +166,17 @@ class Manifold:
         return Phi - (c / jnp.maximum(t2, 1e-30))[..., None, None] * theta
 
     # --- solvers --------------------------------------------------------------------------
+    def dual_step(self, Gn, W, Y, theta, eta, msign_fn):
+        """One dual-ascent step on a normalized gradient ``Ĝ``: ``Φ = msign(Ĝ + C_W*(Y))``,
+        ``Y ← Y − η₂·C_W(Φ)``; returns ``(Φ, Y)``, with ``Φ`` projected onto the tangent space
+        (reusing ``C_W(Φ)``) when :attr:`project_dual_direction`. ``msign_fn`` is the msign to
+        use (steps, coefficients, sharding constraints)."""
+        Phi = msign_fn(Gn + self.adjoint(W, Y, theta))
+        c = self.constraint(W, Phi, theta)
+        if self.project_dual_direction:
+            Phi = self.remove_normal(W, Phi, c, theta)
+        return Phi, Y - eta * c
+
     def steepest_direction(self, G, W, solver: str = "exact", *, Y=None, aux=None, config=None):
         """``argmax tr(GᵀΦ)`` s.t. ``‖Φ‖₂ ≤ 1`` and ``C_W(Φ) = 0`` (``Φ`` in ``W``'s dtype).
 
@@ -378,10 +391,16 @@ class SpectralSphere(Manifold):
         return aux.sigma, aux.u, aux.vec
 
     def theta(self, W, aux=None):
+        """``Θ = u₁v₁ᵀ``: from ``aux``'s top pair when it carries one (e.g. the previous
+        retraction's, which is exactly ``W``'s: the retraction only rescales), else from a
+        Rayleigh–Ritz step on ``aux``'s block (a cold start without one)."""
         W = W.astype(jnp.float32)
         if aux is None:
             aux = self.update_aux(W, self.init_aux(W), 40)
-        _, u, v = self._pair(W, aux)
+        if aux.u is not None and aux.vec is not None:
+            u, v = aux.u, aux.vec
+        else:
+            _, u, v = self._pair(W, aux)
         return u[..., :, None] * v[..., None, :]
 
     def norm2(self, W, aux=None):
@@ -452,15 +471,28 @@ class Stiefel(Manifold):
     def initial_multiplier(self, Gn, W, aux):
         return -_sym(_mm(_t(self._tall(W)), self._tall(Gn)))
 
+    @staticmethod
+    def _closed_form(Wt, Gt, msign_fn):
+        """Square ``W``: ``Φ = W·msign(skew(WᵀG))``, ``X = −sym(WᵀG)`` (MATH.md §3), exact and
+        exactly tangent (``WᵀΦ`` is skew: the msign of a skew matrix is skew; re-skewed against
+        round-off)."""
+        WtG = _mm(_t(Wt), Gt)
+        return _mm(Wt, _skew(msign_fn(_skew(WtG)))), -_sym(WtG)
+
+    def dual_step(self, Gn, W, Y, theta, eta, msign_fn):
+        """Square ``W``: the closed form (the exact direction, two m×m×m products against the
+        dual step's three); otherwise the generic dual step."""
+        if W.shape[-2] == W.shape[-1]:
+            return self._closed_form(W, Gn, msign_fn)
+        return super().dual_step(Gn, W, Y, theta, eta, msign_fn)
+
     def _solve(self, Gn, W, Y, aux, solver, config):
         wide = W.shape[-2] < W.shape[-1]
         Wt, Gt = self._tall(W), self._tall(Gn)
         n, m = Wt.shape[-2:]
-        if n == m and solver in ("exact", "fixed_point"):
-            # Closed form: Φ = W·msign(skew(WᵀG)), X = −sym(WᵀG).
-            WtG = _mm(_t(Wt), Gt)
-            Phi = _mm(Wt, self._msign(_skew(WtG), config))
-            X = -_sym(WtG)
+        if n == m:
+            # Closed form for every solver: Φ = W·msign(skew(WᵀG)), X = −sym(WᵀG).
+            Phi, X = self._closed_form(Wt, Gt, lambda Z: self._msign(Z, config))
         elif solver in ("dual_ascent", "online"):
             steps = 1 if solver == "online" else config.inner_steps
             Phi, X = self._dual_ascent(Gt, Wt, Y, None, steps, config)

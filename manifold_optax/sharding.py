@@ -151,16 +151,61 @@ _SHAPE = re.compile(
 )
 
 
-def collective_bytes(compiled) -> dict:
-    """Bytes each collective kind produces per device in a compiled step, read from its HLO.
+_GROUPS = re.compile(
+    r"replica_groups=(\{\}|\{\{[0-9,{} ]*\}\}|\[[0-9,]+\]<=\[[0-9,]+\](?:T\([0-9,]+\))?)"
+)
+
+
+_MESH_GROUPS = re.compile(r"replica_groups=mesh\[([^\]]*)\]\s*\{([^}]*)\}")
+
+
+def _group_size(line: str, default: int) -> int:
+    """Devices per replica group of one collective (``{}``: all of them). Forms: explicit
+    ``{{0,1},{2,3}}``, iota ``[groups,size]<=[...]``, and mesh axes
+    ``mesh['a'=2,'b'=4] {'b'}`` (the product of the named axes' sizes)."""
+    mm = _MESH_GROUPS.search(line)
+    if mm:
+        sizes = dict(re.findall(r"'([^']+)'=([0-9]+)", mm.group(1)))
+        return math.prod(int(sizes[a]) for a in re.findall(r"'([^']+)'", mm.group(2)))
+    m = _GROUPS.search(line)
+    if not m or m.group(1) == "{}":
+        return default
+    g = m.group(1)
+    if g.startswith("["):  # iota form [num_groups, group_size]<=[...]
+        return int(g[1 : g.index("]")].split(",")[-1])
+    first = g[2 : g.index("}")]
+    return len([x for x in first.split(",") if x.strip()])
+
+
+# Bytes a device receives per byte of the collective's result with groups of g devices
+# (bandwidth-optimal ring algorithms): an all-gather brings in the g−1 shards it lacks, a
+# reduce-scatter the g−1 partial sums of its shard, an all-reduce is both.
+_MOVED = {
+    "all-gather": lambda g: (g - 1) / g,
+    "reduce-scatter": lambda g: g - 1,
+    "all-reduce": lambda g: 2 * (g - 1) / g,
+    "all-to-all": lambda g: (g - 1) / g,
+    "collective-permute": lambda g: 1,
+}
+
+
+def collective_bytes(compiled, num_devices: int | None = None) -> dict:
+    """Bytes each collective kind moves into one device per step, read from compiled HLO.
 
     ``compiled`` is a ``jax.stages.Compiled`` (``jax.jit(f).lower(...).compile()``) or HLO
     text. For each collective instruction (async ``-start`` forms included, ``-done`` skipped)
-    the result shape's bytes are summed; for all-reduce that is the reduced buffer, for
-    all-gather the gathered one — the per-device traffic up to the algorithm's constant.
+    its result's bytes ``R`` and its replica-group size ``g`` give the bytes a device receives
+    under bandwidth-optimal algorithms: all-gather ``R(g−1)/g``, reduce-scatter ``R(g−1)``,
+    all-reduce ``2R(g−1)/g``, all-to-all ``R(g−1)/g``, collective-permute ``R``. Groups
+    written ``{}`` span all devices: the module's ``num_partitions`` (or ``num_devices``).
+    ``"total"`` sums the kinds; ``"result_bytes"`` sums ``R`` alone (an upper bound that
+    ignores group sizes: e.g. a 2-D mesh gathers in two stages, ½ + 1 of the matrix).
     """
     text = compiled if isinstance(compiled, str) else compiled.as_text()
-    out = {k: 0 for k in _COLLECTIVES}
+    header = re.search(r"num_partitions=([0-9]+)", text)
+    n_all = num_devices or (int(header.group(1)) if header else 1)
+    out = {k: 0.0 for k in _COLLECTIVES}
+    result_bytes = 0
     for line in text.splitlines():
         if "=" not in line:
             continue
@@ -179,6 +224,8 @@ def collective_bytes(compiled) -> dict:
         for dt, dims in shapes:
             size = math.prod(int(d) for d in dims.split(",") if d) if dims else 1
             total += size * _DTYPE_BYTES[dt]
-        out[kind] += total
+        result_bytes += total
+        out[kind] += total * _MOVED[kind](_group_size(rhs, n_all))
     out["total"] = sum(out[k] for k in _COLLECTIVES)
+    out["result_bytes"] = result_bytes
     return out

@@ -49,24 +49,32 @@ def test_sharded_steps_match_single_device(sharded_rows):
         assert not r["replicated_big_state"], r
 
 
-def test_collective_bytes_within_budget_for_muon_and_sphere(sharded_rows):
-    # Gather strategy: one all-gather of each momentum (muon) / of G + C*(Y) (sphere) on FSDP.
+def test_collective_bytes_within_budget(sharded_rows):
+    # Gather strategy: each device receives ≤ 2.5× the matrix parameters' bytes per step, on
+    # both meshes (measured: muon and sphere 0.88 — one all-gather of the momentum, 7/8 of it
+    # arriving from the other devices; spectral sphere 1.85 and Stiefel 1.93 — G and W, plus
+    # the power block / the multiplier of the non-square matrices). Left to GSPMD ("none")
+    # the same steps move 10–40×.
     for r in sharded_rows:
-        if r["optimizer"] in ("muon", "sphere") and r["mesh"] == "fsdp":
-            assert r["collective_ratio"] <= 2.5, r
-        # Left to GSPMD the same steps move ~12× the bytes; ours never get near that.
-        assert r["collective_ratio"] < 6, r
+        assert r["collective_ratio"] <= 2.5, r
 
 
 def test_collective_bytes_parser():
-    hlo = """
-  %ag = f32[64,128]{1,0} all-gather(f32[8,128]{1,0} %p), dimensions={0}
-  %ar = (f32[], bf16[4,4]{1,0}) all-reduce(f32[] %a, bf16[4,4]{1,0} %b), to_apply=%sum
-  %ags = (f32[8,16]{1,0}, f32[64,16]{1,0}) all-gather-start(f32[8,16]{1,0} %q), dimensions={0}
+    hlo = """HloModule step, entry_computation_layout={...}, num_partitions=8
+  %ag = f32[64,128]{1,0} all-gather(f32[8,128]{1,0} %p), channel_id=1, replica_groups=[1,8]<=[8], dimensions={0}
+  %ar = (f32[], bf16[4,4]{1,0}) all-reduce(f32[] %a, bf16[4,4]{1,0} %b), replica_groups={{0,1},{2,3},{4,5},{6,7}}, to_apply=%sum
+  %ags = (f32[8,16]{1,0}, f32[64,16]{1,0}) all-gather-start(f32[8,16]{1,0} %q), replica_groups={}, dimensions={0}
   %agd = f32[64,16]{1,0} all-gather-done(%ags)
+  %rs = f32[2,16]{1,0} reduce-scatter(f32[8,16]{1,0} %r), replica_groups=[2,4]<=[4,2]T(1,0), dimensions={0}
+  %ag2 = f32[32,128]{0,1} all-gather(f32[32,32]{0,1} %m), channel_id=3, replica_groups=mesh['axis_0'=2,'axis_1'=4] {'axis_1'}, dimensions={1}
   %x = f32[4]{0} add(f32[4]{0} %y, f32[4]{0} %z)
 """
     b = S.collective_bytes(hlo)
-    assert b["all-gather"] == 64 * 128 * 4 + 64 * 16 * 4
-    assert b["all-reduce"] == 4 + 16 * 2
-    assert b["total"] == b["all-gather"] + b["all-reduce"]
+    # Received per device: all-gather (g−1)/g of the result (g = 8: the iota group and the
+    # "{}" group over num_partitions), all-reduce 2(g−1)/g (g = 2), reduce-scatter g−1 (g = 4).
+    # The mesh-axes form: a group of the 4 devices along 'axis_1'.
+    assert b["all-gather"] == (64 * 128 * 4 + 64 * 16 * 4) * 7 / 8 + 32 * 128 * 4 * 3 / 4
+    assert b["all-reduce"] == (4 + 16 * 2) * 2 * 1 / 2
+    assert b["reduce-scatter"] == 2 * 16 * 4 * 3
+    assert b["total"] == b["all-gather"] + b["all-reduce"] + b["reduce-scatter"]
+    assert b["result_bytes"] == 64 * 128 * 4 + 4 + 32 + 64 * 16 * 4 + 2 * 16 * 4 + 32 * 128 * 4

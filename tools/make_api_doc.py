@@ -17,7 +17,7 @@ GROUPS = {
         "get_schedule",
     ],
     "Norms (`norms.py`)": ["NORMS", "dualize_array", "dual_norm", "primal_norm"],
-    "Transformations (`transforms.py`, `manifold_transforms.py`)": [
+    "Transformations (`transforms.py`, `manifold_transforms.py`, `manifold_step.py`)": [
         "momentum",
         "MomentumState",
         "orthogonalize",
@@ -28,6 +28,8 @@ GROUPS = {
         "DualAscentState",
         "retract",
         "RetractState",
+        "manifold_step",
+        "ManifoldStepState",
     ],
     "Optimizers (`alias.py`)": ["muon", "manifold_muon", "trust_region"],
     "Manifolds (`manifolds.py`)": [

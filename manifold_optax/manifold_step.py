@@ -1,0 +1,194 @@
+"""The fused manifold step: dual step, learning rate and retraction in one transformation.
+
+``manifold_step(m, η)`` computes, per manifold leaf, ``W ← R(W − η·Φ)`` with
+``Φ = msign(Ĝ + C_W*(Y))`` and the multiplier update, and returns ``R(W − η·Φ) − W`` (so
+``optax.apply_updates`` lands on the manifold). It is the same update as the explicit chain
+``dual_ascent(m) → optax.scale_by_learning_rate(η) → retract(m)`` (MATH.md §3), but the two
+halves share what one computes for the other (issue 6, issue 7):
+
+* spectral sphere: the retraction's block power iteration finds the top singular pair of
+  ``V = W − ηΦ``, which is exactly the top pair of the new ``W = r·V/‖V‖₂`` (a rescaling);
+  it is kept in the state and gives the next step's ``Θ = u₁v₁ᵀ`` with no power iteration of
+  its own (the chain runs a second, 2-iteration block for the dual step);
+* sharded parameters: ``G``, ``W`` and the multiplier are gathered once and the dual step and
+  the retraction both run on the gathered matrices (the chain gathers ``W`` again, as part of
+  ``W − ηΦ``, for the retraction).
+
+State: a step count (for learning-rate schedules) and per leaf the multiplier ``y``, and for the
+spectral sphere the warm power block and the top singular pair of ``W``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from manifold_optax._matrix import as_matrix
+from manifold_optax.manifold_transforms import (
+    DEFAULT_INIT_TOLERANCE,
+    _check_concrete_on_manifold,
+    _empty,
+    _flat_batch,
+    _online_step,
+    group_default,
+    resolve_manifolds,
+    run_grouped,
+)
+from manifold_optax.manifolds import (
+    SOLVERS,
+    Aux,
+    Manifold,
+    SolverConfig,
+    SpectralSphere,
+    Sphere,
+    Stiefel,
+)
+from manifold_optax.sharding import run_replicated
+
+__all__ = ["manifold_step", "ManifoldStepState", "StepLeafState"]
+
+
+class StepLeafState(NamedTuple):
+    y: Any  # multiplier (normalized-gradient units): [*batch] or [*batch, m, m]; None off-manifold
+    v: Any  # spectral sphere: warm power block [*batch, min(rows, cols), p]; else None
+    u: Any  # spectral sphere: top left singular vector of W [*batch, rows]; else None
+    vec: Any  # spectral sphere: top right singular vector of W [*batch, cols]; else None
+
+
+class ManifoldStepState(NamedTuple):
+    count: jax.Array  # steps taken (the learning-rate schedule's argument)
+    leaves: tuple  # one StepLeafState per parameter leaf
+
+
+def _square_stiefel(m: Manifold, shape) -> bool:
+    # Square Stiefel uses the closed form: its multiplier is an output only, never an input.
+    return isinstance(m, Stiefel) and shape[-1] == shape[-2]
+
+
+def manifold_step(
+    manifold,
+    learning_rate: optax.ScalarOrSchedule,
+    solver: str = "online",
+    *,
+    dual_learning_rate: float | None = None,
+    inner_steps: int = 20,
+    ns_steps: int | None = None,
+    ns_coeffs="polar_express",
+    exact_config: SolverConfig | None = None,
+    power_iters: int = 6,
+    init_tolerance: float | None = DEFAULT_INIT_TOLERANCE,
+    sharding=None,
+    group: bool | None = None,
+) -> optax.GradientTransformationExtraArgs:
+    r"""Manifold leaves: ``R(W − η·Φ) − W`` with ``Φ = msign(Ĝ + C_W*(Y))`` and ``Y`` updated as
+    in :func:`~manifold_optax.dual_ascent`; leaves without a manifold pass through unchanged.
+    Needs ``params``; goes after the momentum, and takes the place of
+    ``dual_ascent → scale_by_learning_rate → retract`` (the same update, fewer products: see
+    the module docstring).
+
+    Args:
+      manifold: a Manifold, a tree prefix of ``Manifold | None``, or a callable returning one.
+      learning_rate: η, a float or an optax schedule of the step count.
+      solver, dual_learning_rate, inner_steps, ns_steps, ns_coeffs, exact_config,
+        init_tolerance, sharding, group: as in :func:`~manifold_optax.dual_ascent`.
+      power_iters: the spectral sphere retraction's warm block power iterations (as in
+        :func:`~manifold_optax.retract`).
+    """
+    if solver not in SOLVERS:
+        raise ValueError(f"unknown solver {solver!r}; accepted: {SOLVERS}")
+    cfg = dataclasses.replace(
+        exact_config or SolverConfig(),
+        inner_steps=inner_steps,
+        dual_learning_rate=dual_learning_rate,
+    )
+    ms_kwargs = dict(steps=ns_steps, coeffs=ns_coeffs)
+
+    def init_fn(params):
+        manifolds = resolve_manifolds(manifold, params)
+        _check_concrete_on_manifold(params, manifolds, init_tolerance)
+        out = []
+        for x, m in zip(jax.tree.leaves(params), manifolds, strict=True):
+            if m is None:
+                out.append(StepLeafState(_empty(), _empty(), _empty(), _empty()))
+                continue
+            W = as_matrix(jnp.asarray(x, jnp.float32))
+            y = jnp.zeros(m.multiplier_shape(W.shape), jnp.float32)
+            aux = m.update_aux(W, m.init_aux(W), power_iters)  # spectral sphere: cold start
+            out.append(StepLeafState(y, aux.v, aux.u, aux.vec))
+        return ManifoldStepState(jnp.zeros([], jnp.int32), tuple(out))
+
+    def direction(m, G, W, y, v, u, vec):
+        """``(Φ, Y)`` at ``W`` (whole matrices)."""
+        if solver != "online":
+            phi, y, _ = m.solve(G, W, solver, Y=y, aux=Aux(v), config=cfg)
+            return phi, y
+        theta = m.theta(W, Aux(v, None, u, vec)) if isinstance(m, SpectralSphere) else m.theta(W)
+        return _online_step(m, G, W, y, theta, cfg, ms_kwargs)
+
+    def group_step(key, G, W, y, v, u, vec, lr):
+        m = key[0]
+        if solver == "online" and isinstance(m, Sphere):
+            # Sharded sphere: elementwise except the msign (its input gathered once) and two
+            # scalar all-reduces; nothing else is gathered.
+            phi, y = _online_step(m, G, W, y, m.theta(W), cfg, ms_kwargs, sharding)
+            return m.retract(W - lr * phi), y, v, u, vec
+
+        def leaf_step(G, W, y, v, u, vec, lr):
+            phi, y = direction(m, G, W, y, v, u, vec)
+            V = W - lr * phi
+            if isinstance(m, SpectralSphere):
+                aux = m.update_aux(V, Aux(v), power_iters)
+                return m.retract(V, aux), y, aux.v, aux.u, aux.vec
+            if isinstance(m, Stiefel):
+                return m.retract(V, exact=False), y, v, u, vec
+            return m.retract(V), y, v, u, vec
+
+        # Gather once, then the dual step and the retraction on whole matrices on every
+        # device (see dual_ascent; the retraction reuses the gathered W).
+        return run_replicated(leaf_step, sharding, G, W, y, v, u, vec, lr)
+
+    def update_fn(updates, state, params=None):
+        if params is None:
+            raise ValueError("manifold_step needs params: call update(updates, state, params)")
+        manifolds = resolve_manifolds(manifold, params)
+        lr = learning_rate(state.count) if callable(learning_rate) else learning_rate
+        lr = jnp.asarray(lr, jnp.float32)
+        g_leaves, treedef = jax.tree.flatten(updates)
+        w_leaves = jax.tree.leaves(params)
+        items, where = [], []
+        for i, (g, w, m, ls) in enumerate(
+            zip(g_leaves, w_leaves, manifolds, state.leaves, strict=True)
+        ):
+            if m is None:
+                continue
+            W = as_matrix(w.astype(jnp.float32))
+            G = as_matrix(g.astype(jnp.float32)).reshape(W.shape)
+            nb = W.ndim - 2
+            y = None if _square_stiefel(m, W.shape) else ls.y
+            args = tuple(_flat_batch(x, nb) for x in (G, W, y, ls.v, ls.u, ls.vec))
+            key = (m, args[1].shape[1:], None if ls.v is None else args[3].shape[1:])
+            items.append((key, args))
+            where.append(i)
+
+        def fn(key, *arrays):
+            return group_step(key, *arrays, lr)
+
+        new_u, new_s = list(g_leaves), list(state.leaves)
+        for i, (new, y, v, u, vec) in zip(
+            where, run_grouped(fn, items, group_default(group)), strict=True
+        ):
+            w, ls = w_leaves[i], state.leaves[i]
+            new_w = new.reshape(w.shape).astype(w.dtype)
+            new_u[i] = (new_w - w).astype(g_leaves[i].dtype)
+            shaped = lambda a, like: None if a is None else a.reshape(like.shape)
+            new_s[i] = StepLeafState(
+                shaped(y, ls.y), shaped(v, ls.v), shaped(u, ls.u), shaped(vec, ls.vec)
+            )
+        count = optax.safe_increment(state.count)
+        return jax.tree.unflatten(treedef, new_u), ManifoldStepState(count, tuple(new_s))
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
