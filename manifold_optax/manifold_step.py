@@ -79,7 +79,7 @@ def manifold_step(
     ns_steps: int | None = None,
     ns_coeffs="polar_express",
     exact_config: SolverConfig | None = None,
-    power_iters: int = 6,
+    power_iters: int = 10,
     init_tolerance: float | None = DEFAULT_INIT_TOLERANCE,
     sharding=None,
     group: bool | None = None,
@@ -96,7 +96,10 @@ def manifold_step(
       solver, dual_learning_rate, inner_steps, ns_steps, ns_coeffs, exact_config,
         init_tolerance, sharding, group: as in :func:`~manifold_optax.dual_ascent`.
       power_iters: the spectral sphere retraction's warm block power iterations (as in
-        :func:`~manifold_optax.retract`).
+        :func:`~manifold_optax.retract`). 10 by default: this one block is all that tracks
+        the top singular subspace (the chain's dual step refines a second block too); on the
+        digits demo 6 left 9.7e-6 of ``‖W‖₂ − r`` and 10 leave 3e-7. With the Gram iteration
+        each extra step is an ``s×s`` by ``s×p`` product.
     """
     if solver not in SOLVERS:
         raise ValueError(f"unknown solver {solver!r}; accepted: {SOLVERS}")

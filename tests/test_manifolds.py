@@ -150,9 +150,21 @@ def test_training_keeps_params_on_manifold(m, tol, rng):
             assert abs(np.linalg.norm(W) - m.radius) / m.radius <= tol
 
 
-def test_explicit_chain_equals_manifold_muon(rng):
-    m = mo.Stiefel()
-    params = {"w": _point(m, (32, 8), rng), "v": _point(m, (8, 16), rng)}
+@pytest.mark.parametrize(
+    "m, atol",
+    # Stiefel and sphere: the same operations in the same order. Spectral sphere: the chain's
+    # dual step takes Θ from its own 2-iteration block, the fused step from the retraction's
+    # top pair (both float32-converged), and the retractions run 6 vs 10 power iterations.
+    [(mo.Stiefel(), 1e-6), (mo.Sphere(3.0), 1e-6), (mo.SpectralSphere(2.0), 2e-5)],
+    ids=lambda x: type(x).__name__ if isinstance(x, mo.Manifold) else "",
+)
+def test_explicit_chain_equals_manifold_muon(m, atol, rng):
+    # A tall, a wide and a square matrix (square Stiefel takes the closed form in both).
+    params = {
+        "w": _point(m, (32, 8), rng),
+        "v": _point(m, (8, 16), rng),
+        "s": _point(m, (12, 12), rng),
+    }
     chain = optax.chain(
         mo.momentum(0.9),
         mo.dual_ascent(m, "online"),
@@ -166,8 +178,36 @@ def test_explicit_chain_equals_manifold_muon(rng):
         uc, sc = chain.update(g, sc, params)
         ua, sa = alias.update(g, sa, params)
         for a, b in zip(jax.tree.leaves(uc), jax.tree.leaves(ua), strict=True):
-            np.testing.assert_allclose(a, b, atol=1e-6)
+            np.testing.assert_allclose(a, b, atol=atol)
         params = optax.apply_updates(params, uc)
+
+
+def test_online_square_stiefel_is_exactly_tangent_from_the_first_step(rng):
+    # The closed form needs no multiplier to converge: tangent at float32 round-off at once,
+    # and the same direction as the exact solver (which runs 10 msign steps instead of 5).
+    m = mo.Stiefel()
+    W = _point(m, (48, 48), rng)
+    G = jnp.asarray(rng.standard_normal((48, 48)), jnp.float32)
+    tx = mo.dual_ascent(m, "online")
+    phi, _ = tx.update(G, tx.init(W), W)
+    assert float(m.tangent_violation(W, phi)) < 1e-5
+    exact = m.steepest_direction(G, W, "exact")
+    cos = float(jnp.vdot(phi, exact) / (jnp.linalg.norm(phi) * jnp.linalg.norm(exact)))
+    assert cos > 0.99, cos
+
+
+def test_manifold_step_follows_a_learning_rate_schedule(rng):
+    # η(0) = 0: the first update is R(W) − W = 0 (W is on the manifold); η(1) > 0 moves W.
+    m = mo.Stiefel()
+    W = _point(m, (32, 8), rng)
+    tx = mo.manifold_step(m, optax.linear_schedule(0.0, 0.1, 10))
+    s = tx.init(W)
+    G = jnp.asarray(rng.standard_normal((32, 8)), jnp.float32)
+    u0, s = tx.update(G, s, W)
+    assert float(jnp.max(jnp.abs(u0))) < 1e-6 and int(s.count) == 1
+    u1, s = tx.update(G, s, W)
+    assert float(jnp.max(jnp.abs(u1))) > 1e-3
+    assert float(m.distance(W + u1)) < 1e-5
 
 
 def test_manifold_spec_forms_and_static_config(rng):
