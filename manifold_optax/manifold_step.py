@@ -20,7 +20,6 @@ spectral sphere the warm power block and the top singular pair of ``W``.
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, NamedTuple
 
 import jax
@@ -30,16 +29,16 @@ import optax
 from manifold_optax._matrix import as_matrix
 from manifold_optax.manifold_transforms import (
     DEFAULT_INIT_TOLERANCE,
-    _check_concrete_on_manifold,
     _empty,
     _flat_batch,
+    _initial_leaves,
     _online_step,
+    _solver_config,
     group_default,
     resolve_manifolds,
     run_grouped,
 )
 from manifold_optax.manifolds import (
-    SOLVERS,
     Aux,
     Manifold,
     SolverConfig,
@@ -101,27 +100,17 @@ def manifold_step(
         digits demo 6 left 9.7e-6 of ``‖W‖₂ − r`` and 10 leave 3e-7. With the Gram iteration
         each extra step is an ``s×s`` by ``s×p`` product.
     """
-    if solver not in SOLVERS:
-        raise ValueError(f"unknown solver {solver!r}; accepted: {SOLVERS}")
-    cfg = dataclasses.replace(
-        exact_config or SolverConfig(),
-        inner_steps=inner_steps,
-        dual_learning_rate=dual_learning_rate,
-    )
+    cfg = _solver_config(solver, exact_config, inner_steps, dual_learning_rate)
     ms_kwargs = dict(steps=ns_steps, coeffs=ns_coeffs)
 
     def init_fn(params):
-        manifolds = resolve_manifolds(manifold, params)
-        _check_concrete_on_manifold(params, manifolds, init_tolerance)
         out = []
-        for x, m in zip(jax.tree.leaves(params), manifolds, strict=True):
-            if m is None:
+        for leaf in _initial_leaves(manifold, params, init_tolerance, power_iters):
+            if leaf is None:
                 out.append(StepLeafState(_empty(), _empty(), _empty(), _empty()))
-                continue
-            W = as_matrix(jnp.asarray(x, jnp.float32))
-            y = jnp.zeros(m.multiplier_shape(W.shape), jnp.float32)
-            aux = m.update_aux(W, m.init_aux(W), power_iters)  # spectral sphere: cold start
-            out.append(StepLeafState(y, aux.v, aux.u, aux.vec))
+            else:
+                y, aux = leaf
+                out.append(StepLeafState(y, aux.v, aux.u, aux.vec))
         return ManifoldStepState(jnp.zeros([], jnp.int32), tuple(out))
 
     def direction(m, G, W, y, v, u, vec):

@@ -184,6 +184,34 @@ def _check_concrete_on_manifold(params, manifolds, tol):
             )
 
 
+def _solver_config(solver, exact_config, inner_steps, dual_learning_rate) -> SolverConfig:
+    """The validated solver options shared by ``dual_ascent`` and ``manifold_step``."""
+    if solver not in SOLVERS:
+        raise ValueError(f"unknown solver {solver!r}; accepted: {SOLVERS}")
+    return dataclasses.replace(
+        exact_config or SolverConfig(),
+        inner_steps=inner_steps,
+        dual_learning_rate=dual_learning_rate,
+    )
+
+
+def _initial_leaves(manifold, params, init_tolerance, power_iters) -> list:
+    """Per leaf, ``None`` off-manifold, else ``(y, aux)``: a zero multiplier and the
+    auxiliary state (spectral sphere: a cold-started power block and its top pair). Checks
+    that concrete parameters lie on their manifolds."""
+    manifolds = resolve_manifolds(manifold, params)
+    _check_concrete_on_manifold(params, manifolds, init_tolerance)
+    out = []
+    for x, m in zip(jax.tree.leaves(params), manifolds, strict=True):
+        if m is None:
+            out.append(None)
+            continue
+        W = as_matrix(jnp.asarray(x, jnp.float32))
+        y = jnp.zeros(m.multiplier_shape(W.shape), jnp.float32)
+        out.append((y, m.update_aux(W, m.init_aux(W), power_iters)))
+    return out
+
+
 def dual_ascent(
     manifold,
     solver: str = "online",
@@ -224,28 +252,17 @@ def dual_ascent(
         power iteration; ``None`` does so except on CPU (see :func:`group_default`). Results
         agree with one leaf at a time to float32 round-off.
     """
-    if solver not in SOLVERS:
-        raise ValueError(f"unknown solver {solver!r}; accepted: {SOLVERS}")
-    cfg = dataclasses.replace(
-        exact_config or SolverConfig(),
-        inner_steps=inner_steps,
-        dual_learning_rate=dual_learning_rate,
-    )
+    cfg = _solver_config(solver, exact_config, inner_steps, dual_learning_rate)
     ms_kwargs = dict(steps=ns_steps, coeffs=ns_coeffs)
 
     def init_fn(params):
-        manifolds = resolve_manifolds(manifold, params)
-        _check_concrete_on_manifold(params, manifolds, init_tolerance)
-        out = []
-        for x, m in zip(jax.tree.leaves(params), manifolds, strict=True):
-            if m is None:
-                out.append(LeafState(_empty(), _empty()))
-                continue
-            W = as_matrix(jnp.asarray(x, jnp.float32))
-            y = jnp.zeros(m.multiplier_shape(W.shape), jnp.float32)
-            aux = m.update_aux(W, m.init_aux(W), cfg.power_iters)  # cold start where needed
-            out.append(LeafState(y, aux.v))
-        return DualAscentState(tuple(out))
+        leaves = _initial_leaves(manifold, params, init_tolerance, cfg.power_iters)
+        return DualAscentState(
+            tuple(
+                LeafState(_empty(), _empty()) if leaf is None else LeafState(leaf[0], leaf[1].v)
+                for leaf in leaves
+            )
+        )
 
     def update_fn(updates, state, params=None):
         if params is None:
