@@ -304,7 +304,8 @@ def _chebyshev_filter(apply, V, degree: int, col_norms):
     every step (the recurrence is linear per column, so rescaling both of the last two
     iterates by the same factor changes nothing but the scale)."""
     AV = apply(V)
-    q = jnp.sum(V * AV, axis=-2, keepdims=True) / jnp.sum(V * V, axis=-2, keepdims=True)
+    vv = jnp.sum(V * V, axis=-2, keepdims=True)
+    q = jnp.sum(V * AV, axis=-2, keepdims=True) / jnp.where(vv > 0, vv, 1.0)
     b = jnp.mean(q, axis=-1, keepdims=True)
     b = jnp.where(b > 0, b, 1.0)
     prev, cur = V, 2.0 * AV / b - V

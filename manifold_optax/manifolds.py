@@ -80,7 +80,8 @@ class SolverConfig:
         (``None``: the manifold's ``default_dual_learning_rate``: 0.5 spheres, 0.1 Stiefel).
       cg_iters: conjugate-gradient iterations per Newton step (Stiefel ``"exact"``).
       power_iters: degree of the warm-started Chebyshev-filtered block iteration for the
-        spectral sphere's ``Θ`` per call (the block tracks ``W`` across training steps; a cold start runs 30+).
+        spectral sphere's ``Θ`` per call (the block tracks ``W`` across training steps; a
+        cold start runs 30+).
     """
 
     ns_steps: int = 10
