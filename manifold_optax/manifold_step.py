@@ -26,12 +26,11 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from manifold_optax._matrix import as_matrix
 from manifold_optax.manifold_transforms import (
     DEFAULT_INIT_TOLERANCE,
     _empty,
-    _flat_batch,
     _initial_leaves,
+    _matrix_items,
     _online_step,
     _solver_config,
     group_default,
@@ -151,20 +150,14 @@ def manifold_step(
         lr = jnp.asarray(lr, jnp.float32)
         g_leaves, treedef = jax.tree.flatten(updates)
         w_leaves = jax.tree.leaves(params)
-        items, where = [], []
-        for i, (g, w, m, ls) in enumerate(
-            zip(g_leaves, w_leaves, manifolds, state.leaves, strict=True)
-        ):
-            if m is None:
-                continue
-            W = as_matrix(w.astype(jnp.float32))
-            G = as_matrix(g.astype(jnp.float32)).reshape(W.shape)
-            nb = W.ndim - 2
-            y = None if _square_stiefel(m, W.shape) else ls.y
-            args = tuple(_flat_batch(x, nb) for x in (G, W, y, ls.v, ls.u, ls.vec))
-            key = (m, args[1].shape[1:], None if ls.v is None else args[3].shape[1:])
-            items.append((key, args))
-            where.append(i)
+        items, where = _matrix_items(
+            g_leaves,
+            w_leaves,
+            manifolds,
+            state.leaves,
+            # Square Stiefel's closed form reads no multiplier: it is not passed (or gathered).
+            lambda m, W, ls: (None if _square_stiefel(m, W.shape) else ls.y, ls.v, ls.u, ls.vec),
+        )
 
         def fn(key, *arrays):
             return group_step(key, *arrays, lr)

@@ -195,6 +195,27 @@ def _solver_config(solver, exact_config, inner_steps, dual_learning_rate) -> Sol
     )
 
 
+def _matrix_items(g_leaves, w_leaves, manifolds, state_leaves, state_arrays):
+    """``(items, where)`` for :func:`run_grouped`: per manifold leaf ``i`` (listed in
+    ``where``), ``(key, (G, W, y, v, ...))`` in float32 with one flat batch axis, where
+    ``state_arrays(m, W, leaf_state)`` gives ``(y, v, ...)``; the key groups leaves with the
+    same manifold, matrix shape and block shape."""
+    items, where = [], []
+    for i, (g, w, m, ls) in enumerate(
+        zip(g_leaves, w_leaves, manifolds, state_leaves, strict=True)
+    ):
+        if m is None:
+            continue
+        W = as_matrix(w.astype(jnp.float32))
+        G = as_matrix(g.astype(jnp.float32)).reshape(W.shape)
+        nb = W.ndim - 2
+        args = tuple(_flat_batch(x, nb) for x in (G, W, *state_arrays(m, W, ls)))
+        key = (m, args[1].shape[1:], None if args[3] is None else args[3].shape[1:])
+        items.append((key, args))
+        where.append(i)
+    return items, where
+
+
 def _initial_leaves(manifold, params, init_tolerance, power_iters) -> list:
     """Per leaf, ``None`` off-manifold, else ``(y, aux)``: a zero multiplier and the
     auxiliary state (spectral sphere: a cold-started power block and its top pair). Checks
@@ -270,19 +291,9 @@ def dual_ascent(
         manifolds = resolve_manifolds(manifold, params)
         g_leaves, treedef = jax.tree.flatten(updates)
         w_leaves = jax.tree.leaves(params)
-        items, where = [], []
-        for i, (g, w, m, ls) in enumerate(
-            zip(g_leaves, w_leaves, manifolds, state.leaves, strict=True)
-        ):
-            if m is None:
-                continue
-            W = as_matrix(w.astype(jnp.float32))
-            G = as_matrix(g.astype(jnp.float32)).reshape(W.shape)
-            nb = W.ndim - 2
-            args = tuple(_flat_batch(x, nb) for x in (G, W, ls.y, ls.v))
-            key = (m, args[1].shape[1:], None if ls.v is None else args[3].shape[1:])
-            items.append((key, args))
-            where.append(i)
+        items, where = _matrix_items(
+            g_leaves, w_leaves, manifolds, state.leaves, lambda m, W, ls: (ls.y, ls.v)
+        )
 
         def group_step(key, G, W, y, v):
             m = key[0]
