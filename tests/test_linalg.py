@@ -161,6 +161,43 @@ def test_chebyshev_filter_beats_power_steps_on_a_flat_top_spectrum(wide):
     assert err[True] < 0.25 * err[False], err
 
 
+def test_lower_inverse_is_exact_for_every_block_size():
+    # The nilpotent product (I − N)(I + N²)(I + N⁴)··· must cover N^(p−1): one factor too few
+    # leaves an O(1) error in the last subdiagonals for p just above a power of two.
+    from manifold_optax.linalg import _lower_inverse
+
+    rng = np.random.default_rng(0)
+    for p in (1, 2, 3, 4, 5, 16, 17, 32, 33):
+        a = rng.standard_normal((2, p, p))
+        L = np.linalg.cholesky(a @ a.transpose(0, 2, 1) + p * np.eye(p))
+        Li = np.asarray(_lower_inverse(jnp.asarray(L, jnp.float32)), np.float64)
+        assert np.abs(Li @ L - np.eye(p)).max() < 1e-5, p  # float32, cond(L) ≲ 10
+
+
+@pytest.mark.parametrize("duplicate", [False, True])
+def test_matmul_only_rayleigh_ritz_resolves_a_cluster(duplicate):
+    # S with a top cluster 1, 1 − 1e-5, 1 − 2e-5, … (closer than any fixed number of power
+    # steps separates) and a block that contains the top eigenvector among 7 other directions.
+    # The Ritz value must be λ₁ to float32 accuracy (2e-7 relative; the squaring's bound is
+    # p/(2e·2²⁴) = 2e-7), and the vector must be the top one. With a duplicated column the
+    # Gram of the block is singular: the shifted Cholesky must still give finite results.
+    from manifold_optax.linalg import _ritz_top
+
+    rng = np.random.default_rng(1)
+    s, p = 64, 8
+    E, _ = np.linalg.qr(rng.standard_normal((s, s)))
+    lam = np.concatenate([1 - 1e-5 * np.arange(12), 0.5 * rng.random(s - 12)])
+    S = (E * lam) @ E.T
+    mix, _ = np.linalg.qr(rng.standard_normal((p, p)))
+    V = E[:, [0, 3, 5, 9, 14, 20, 30, 40]] @ mix
+    if duplicate:
+        V = np.concatenate([V, V[:, :1]], axis=1)
+    lam1, z, Q = _ritz_top(jnp.asarray(V, jnp.float32), jnp.asarray(S @ V, jnp.float32))
+    assert np.isfinite(np.asarray(Q)).all()
+    assert abs(float(lam1) - 1.0) < 2e-7, float(lam1)
+    assert abs(abs(float(np.asarray(z, np.float64) @ E[:, 0])) - 1) < 1e-3
+
+
 # ---- property tests ---------------------------------------------------------------------------
 
 _msign8 = jax.jit(lambda x: mo.msign(x, steps=8))
