@@ -105,7 +105,7 @@ def main():
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--out", default=str(pathlib.Path(__file__).parent / "results" / "msign.json"))
     a = ap.parse_args()
-    shapes = [(256, 256), (1024, 1024), (1024, 4096), (16, 256, 256)]
+    shapes = [(256, 256), (1024, 1024), (1024, 4096), (4096, 1024), (16, 256, 256)]
     if a.quick:
         shapes = [(256, 256), (16, 128, 128)]
     dtype = jnp.dtype(a.dtype)

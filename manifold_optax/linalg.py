@@ -47,8 +47,18 @@ def _mm(a, b, precision, out_dtype):
     return jnp.matmul(a, b, precision=precision, preferred_element_type=out_dtype)
 
 
-def _gram(x, precision, out_dtype):
-    return _mm(x, jnp.swapaxes(x, -1, -2), precision, out_dtype)
+def _gram(x, precision, out_dtype, tall: bool = False):
+    """The short-side Gram matrix: ``XXᵀ`` (wide ``x``) or ``XᵀX`` (``tall``)."""
+    t = jnp.swapaxes(x, -1, -2)
+    return _mm(t, x, precision, out_dtype) if tall else _mm(x, t, precision, out_dtype)
+
+
+def _left(B, x, precision, out_dtype, tall: bool = False):
+    """``B·X`` in the wide view of ``x``: ``B·X`` (wide) or ``X·Bᵀ`` (``tall``, i.e.
+    ``(B·Xᵀ)ᵀ``), so a tall matrix is never transposed in memory."""
+    if tall:
+        return _mm(x, jnp.swapaxes(B, -1, -2), precision, out_dtype)
+    return _mm(B, x, precision, out_dtype)
 
 
 def newton_schulz_flops(shape: tuple[int, ...], steps: int) -> float:
@@ -132,9 +142,11 @@ def msign(
     cdt = jnp.dtype(compute_dtype) if compute_dtype is not None else in_dtype
     if x.shape[-1] == 0 or x.shape[-2] == 0:
         return x
-    transposed = x.shape[-2] > x.shape[-1]
-    if transposed:
-        x = jnp.swapaxes(x, -1, -2)
+    # The iteration is written for a wide X (short-side Gram XXᵀ, products B·X); a tall one
+    # runs the same iteration on its transpose through XᵀX and X·Bᵀ without transposing X in
+    # memory (measured on 2 CPU cores: a materialized transpose made 4×1024×256 30% slower
+    # than 4×256×1024).
+    tall = x.shape[-2] > x.shape[-1]
 
     # Prescale by the largest entry, then by the Frobenius norm (reductions in `acc`).
     xa = x.astype(acc)
@@ -148,7 +160,7 @@ def msign(
     X = xa.astype(cdt)
     rows = jnp.asarray(table, dtype=acc)
 
-    m_short, n_long = X.shape[-2], X.shape[-1]
+    m_short, n_long = min(X.shape[-2:]), max(X.shape[-2:])
     use_gram = method == "gram" or (
         method == "auto" and n_long >= 1.5 * m_short and jnp.dtype(cdt).itemsize >= 4
     )
@@ -156,14 +168,13 @@ def msign(
         raise ValueError(f"method must be 'auto', 'standard' or 'gram', got {method!r}")
     if use_gram:
         out = _gram_newton_schulz(
-            X, rows, steps, normalization, safety, precision, acc, cdt, gram_restart
+            X, rows, steps, normalization, safety, precision, acc, cdt, gram_restart, tall
         )
-        out = out.astype(in_dtype)
-        return jnp.swapaxes(out, -1, -2) if transposed else out
+        return out.astype(in_dtype)
 
     for i in range(steps):
         a, b, c = rows[i, 0], rows[i, 1], rows[i, 2]
-        A = _gram(X, precision, acc)
+        A = _gram(X, precision, acc, tall)
         A2 = _mm(A.astype(cdt), A.astype(cdt), precision, acc)
         if i == 0 and normalization == "schatten8":
             s8 = jnp.sqrt(jnp.sqrt(jnp.sqrt(jnp.sum(A2 * A2, axis=(-2, -1), keepdims=True))))
@@ -171,26 +182,26 @@ def msign(
             X = (X.astype(acc) / s).astype(cdt)
             A, A2 = A / s**2, A2 / s**4
         B = (b * A + c * A2).astype(cdt)
-        X = (a * X.astype(acc) + _mm(B, X, precision, acc)).astype(cdt)
+        X = (a * X.astype(acc) + _left(B, X, precision, acc, tall)).astype(cdt)
 
-    out = X.astype(in_dtype)
-    if transposed:
-        out = jnp.swapaxes(out, -1, -2)
-    return out
+    return X.astype(in_dtype)
 
 
-def _gram_newton_schulz(X0, rows, steps, normalization, safety, precision, acc, cdt, restart):
-    """Gram Newton–Schulz on a wide, Frobenius-normalized ``X0`` (``[*b, m, n]``, m < n).
+def _gram_newton_schulz(
+    X0, rows, steps, normalization, safety, precision, acc, cdt, restart, tall=False
+):
+    """Gram Newton–Schulz on a Frobenius-normalized ``X0``: ``[*b, m, n]`` with m < n, or its
+    transpose when ``tall`` (then ``X_k = X_0·Q_kᵀ``, the same iteration read transposed).
 
     Every step's polynomial ``P = aI + bA + cA²`` is a polynomial in the initial Gram matrix, so
     ``X_k = Q_k X_0`` with ``Q_k = P_k Q_{k−1}`` and ``A_k = P_k A_{k−1} P_k`` (all m×m). After
     ``restart`` steps ``X`` is formed and its Gram recomputed, which resets the round-off that
     the m×m recursion accumulates.
     """
-    m = X0.shape[-2]
+    m = min(X0.shape[-2:])
     eye = jnp.eye(m, dtype=acc)
     X = X0
-    A = _gram(X, precision, acc)
+    A = _gram(X, precision, acc, tall)
     Q = None
     since = 0
     for i in range(steps):
@@ -207,13 +218,13 @@ def _gram_newton_schulz(X0, rows, steps, normalization, safety, precision, acc, 
         if i == steps - 1:
             break
         if since == restart:
-            X = _mm(Q.astype(cdt), X, precision, acc).astype(cdt)
-            A = _gram(X, precision, acc)
+            X = _left(Q.astype(cdt), X, precision, acc, tall).astype(cdt)
+            A = _gram(X, precision, acc, tall)
             Q, since = None, 0
         else:
             A = _mm(P, _mm(P, A, precision, acc), precision, acc)
             A = 0.5 * (A + jnp.swapaxes(A, -1, -2))
-    return _mm(Q.astype(cdt), X, precision, acc)
+    return _left(Q.astype(cdt), X, precision, acc, tall)
 
 
 def _svd_tol(s, shape, dtype):

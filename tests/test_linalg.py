@@ -110,6 +110,26 @@ def test_parity_with_optax_frobenius_newton_schulz(rng):
     assert np.linalg.norm(ours - ref) / np.linalg.norm(ref) < 1e-5
 
 
+@pytest.mark.parametrize("method", ["standard", "gram"])
+def test_tall_input_runs_the_wide_iteration_transposed(rng, method):
+    # Tall inputs are never transposed in memory: the iteration runs on XᵀX and X·Bᵀ. At 5
+    # steps the result is not yet the polar factor, so any product on the wrong side (or a
+    # missing transpose of a non-symmetric m×m factor) changes it far beyond float32
+    # round-off, which is all that may differ from the transposed wide computation (1e-5).
+    g = jnp.asarray(matrix_with_spectrum(rng, 160, 64, log_uniform_spectrum(rng, 64, 1e-2)))
+    g = g.astype(jnp.float32)
+    tall = mo.msign(g, method=method, precision=jax.lax.Precision.HIGHEST)
+    wide = mo.msign(g.T, method=method, precision=jax.lax.Precision.HIGHEST).T
+    assert np.linalg.norm(tall - wide) / np.linalg.norm(wide) < 1e-5
+    assert np.abs(_sv(tall) - 1).max() > 1e-3  # (not converged: the comparison has teeth)
+    # Parity with optax, which transposes tall inputs.
+    from optax.contrib._muon import orthogonalize_via_newton_schulz
+
+    ref = orthogonalize_via_newton_schulz(g, jnp.asarray((3.4445, -4.7750, 2.0315)), 5)
+    ours = mo.msign(g, 5, "jordan", normalization="frobenius", method=method)
+    assert np.linalg.norm(ours - ref) / np.linalg.norm(ref) < 1e-5
+
+
 def test_bad_input_errors():
     with pytest.raises(ValueError, match="at least 2 axes"):
         mo.msign(jnp.ones(5))
