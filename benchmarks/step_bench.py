@@ -2,8 +2,10 @@
 
 Reference tree: 4 blocks with d = 256: q, k, v, o (d×d), up (d×4d), down (4d×d) and a
 vector scale (d) per block, float32 (``--wide`` doubles d). Each optimizer's update is jitted
-(params and state donated, as in a training loop) and timed in one process with interleaved
-repetitions; medians are reported. The roofline is the tree's standard Newton–Schulz FLOPs
+(not donated here: the same step is timed again and again on the same inputs; the examples
+donate) and timed in one process with interleaved repetitions; times are medians, ratios the
+median over rounds of the ratio within a round (each round runs every candidate back to back,
+so the machine's slow drifts cancel). The roofline is the tree's standard Newton–Schulz FLOPs
 (``steps·(4m²n + 2m³)`` per matrix) divided by the rate of a plain batched matmul timed in the
 same run. Each optimizer first takes 20 warm-up steps (steady state: filled momenta, a
 converged online multiplier), then the same step is timed repeatedly. Also checks that
@@ -20,6 +22,7 @@ import json
 import math
 import pathlib
 import platform
+import statistics
 import sys
 
 import jax
@@ -73,10 +76,12 @@ def optimizers(lr=0.02):
         "manifold_muon spectral_sphere": mo.manifold_muon(
             lr, hidden(lambda fi, fo: mo.SpectralSphere(math.sqrt(fo / fi)))
         ),
+        "manifold_muon stiefel": mo.manifold_muon(lr, mo.Stiefel()),
+        # Last: its LAPACK eigensolver keeps threads busy after it returns, which slowed the
+        # candidate timed next (the next round starts with AdamW, which absorbs it).
         "manifold_muon spectral_sphere (exact norm)": mo.manifold_muon(
             lr, hidden(lambda fi, fo: mo.SpectralSphere(math.sqrt(fo / fi), exact_norm=True))
         ),
-        "manifold_muon stiefel": mo.manifold_muon(lr, mo.Stiefel()),
     }
 
 
@@ -118,25 +123,33 @@ def main():
     rhs = jax.random.normal(jax.random.PRNGKey(3), (k, 4 * d, d))
     fns["matmul"] = jax.jit(lambda a, b: a @ b)
     args["matmul"] = (lhs, rhs)
-    t = time_interleaved(fns, args, reps=a.reps, min_sample_s=0.2)
+    runs = time_interleaved(fns, args, reps=a.reps, min_sample_s=0.2, samples=True)
+    t = {name: statistics.median(v) for name, v in runs.items()}
     t_roof = t["matmul"] * flops / (2.0 * k * d * d * 4 * d)
-    base = t["optax_muon"] if "optax_muon" in t else None
+
+    def ratio(name, base):
+        # Median over rounds of the ratio within a round (each round runs every candidate
+        # back to back, so the machine's slow drifts cancel), rather than a ratio of medians.
+        if base not in runs:
+            return None
+        return statistics.median(a / b for a, b in zip(runs[name], runs[base], strict=True))
+
+    roof_scale = flops / (2.0 * k * d * d * 4 * d)
     # Two baselines of ours: the muon with optax's Newton–Schulz (Jordan's coefficients,
     # Frobenius normalization: the equal-NS comparison with optax.contrib.muon), and the
     # muon with the defaults that manifold_muon also runs (Polar Express, 5 steps, Schatten-8
     # normalization: the equal-NS baseline of the manifold rows, the issue-6 goal column).
-    jordan = t.get("muon (Jordan 5, Frobenius)")
-    default = t.get("muon (default)")
+    jordan, default = "muon (Jordan 5, Frobenius)", "muon (default)"
     rows = []
     for name in txs:
         rows.append(
             {
                 "optimizer": name,
                 "ms": 1e3 * t[name],
-                "vs_optax_muon": t[name] / base if base else None,
-                "vs_roofline": t[name] / t_roof,
-                "vs_muon_default": t[name] / default if default else None,
-                "vs_muon_jordan": t[name] / jordan if jordan else None,
+                "vs_optax_muon": ratio(name, "optax_muon"),
+                "vs_roofline": ratio(name, "matmul") / roof_scale,
+                "vs_muon_default": ratio(name, default),
+                "vs_muon_jordan": ratio(name, jordan),
                 "traces": traces[name],
             }
         )
