@@ -83,7 +83,8 @@ def msign(
 ) -> jax.Array:
     r"""Matrix sign / polar factor ``msign(x) = UVᵀ`` by Newton–Schulz iterations.
 
-    Math (MATH.md §2): arrange ``X`` wide (tall inputs are transposed, so each step costs
+    Math (MATH.md §2): read ``X`` wide (a tall input runs the same steps on its transpose,
+    through ``XᵀX`` and ``X·Bᵀ``, with no transpose in memory; each step costs
     ``4m²n + 2m³`` FLOPs with ``m`` the short side), normalize so every singular value is ≤ 1,
     then apply the odd quintics of a schedule, ``A = XXᵀ; B = bA + cA²; X ← aX + BX``, which act
     on the singular values as ``σ ↦ aσ + bσ³ + cσ⁵`` and leave the singular vectors alone.
