@@ -125,7 +125,8 @@ def main():
     args["matmul"] = (lhs, rhs)
     runs = time_interleaved(fns, args, reps=a.reps, min_sample_s=0.2, samples=True)
     t = {name: statistics.median(v) for name, v in runs.items()}
-    t_roof = t["matmul"] * flops / (2.0 * k * d * d * 4 * d)
+    roof_scale = flops / (2.0 * k * d * d * 4 * d)  # the tree's NS FLOPs / the matmul's
+    t_roof = t["matmul"] * roof_scale
 
     def ratio(name, base):
         # Median over rounds of the ratio within a round (each round runs every candidate
@@ -134,7 +135,6 @@ def main():
             return None
         return statistics.median(a / b for a, b in zip(runs[name], runs[base], strict=True))
 
-    roof_scale = flops / (2.0 * k * d * d * 4 * d)
     # Two baselines of ours: the muon with optax's Newton–Schulz (Jordan's coefficients,
     # Frobenius normalization: the equal-NS comparison with optax.contrib.muon), and the
     # muon with the defaults that manifold_muon also runs (Polar Express, 5 steps, Schatten-8
