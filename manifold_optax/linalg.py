@@ -385,16 +385,15 @@ def _ritz_top(V, SV, squarings: int = 24):
     quadratically accurate in the angle of ``z``, whatever the orthonormality of ``Q``).
     Only the ``p×p`` Cholesky is a LAPACK call; the triangular inverse is matmuls
     (:func:`_lower_inverse`: a LAPACK triangular solve per matrix added 30 ms to the
-    reference tree's jitted step on 2 CPU cores). Returns ``(λ [*b], z/‖z‖ [*b, s], Q)``; ``Q`` is the next warm start (it spans
-    the same subspace as ``V``)."""
+    reference tree's jitted step on 2 CPU cores). Returns ``(λ [*b], z/‖z‖ [*b, s], Q)``;
+    ``Q`` is the next warm start (it spans the same subspace as ``V``)."""
     hp = jax.lax.Precision.HIGHEST
     mm = lambda a, b: jnp.matmul(a, b, precision=hp)
     t = lambda a: jnp.swapaxes(a, -1, -2)
     p = V.shape[-1]
     eye = jnp.eye(p, dtype=V.dtype)
     B = mm(t(V), V)
-    H = mm(t(V), SV)
-    H = 0.5 * (H + t(H))
+    H = mm(t(V), SV)  # (wᵀHw below needs no symmetrization; Ĥ is symmetrized once)
     tr = jnp.trace(B, axis1=-2, axis2=-1)[..., None, None]
     scale = jnp.where(tr > 0, tr, 1.0) / p  # the mean squared column norm
 
