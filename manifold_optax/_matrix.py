@@ -88,10 +88,27 @@ def _groups(mats) -> list[list[int]]:
     return list(groups.values())
 
 
+# On CPU, matrices with a short side of at least this many run one at a time as 2-D products
+# (see grouped_msign); smaller ones are stacked, where per-op overhead dominates.
+CPU_PER_MATRIX_MIN_SIDE = 128
+
+
+def _stack_on_this_backend(shape) -> bool:
+    return jax.default_backend() != "cpu" or min(shape[-2:]) < CPU_PER_MATRIX_MIN_SIDE
+
+
 def grouped_msign(
-    mats: Sequence[jax.Array], group: bool = True, sharding=None, **msign_kwargs
+    mats: Sequence[jax.Array], group: bool | None = None, sharding=None, **msign_kwargs
 ) -> list:
     """msign of each ``[b, r, c]`` array; same ``(r, c, dtype)`` arrays share one batched call.
+
+    ``group``: ``True`` stacks every same-shape group into one batched msign; ``False`` runs
+    each array as it comes (its own batch); ``None`` (the default) stacks on GPU/TPU, and on
+    CPU only matrices with a short side below ``CPU_PER_MATRIX_MIN_SIDE`` (128): larger ones
+    run one matrix at a time as 2-D products, whose working set stays in cache, with no
+    copies into and out of a stack (2 CPU cores, 16 matrices: 512×512 batched 213–231 ms,
+    one at a time 170–183 ms; 256×256 22–30 against 23–25 ms; 64×64 batched 3.2 against
+    5.0 ms one at a time). ``sharding`` turns the CPU rule off (stacks stay whole).
 
     ``sharding`` (a :class:`~manifold_optax.sharding.MsignSharding`) places the computation:
     ``"gather"`` replicates each input (one all-gather) and computes whole matrices everywhere;
@@ -106,8 +123,24 @@ def grouped_msign(
         # "owner" stacks that do not divide the devices fall back to gathering.
         return rep(msign(rep(stacked), **msign_kwargs))
 
-    groups = _groups(mats) if group or strategy == "owner" else [[i] for i in range(len(mats))]
-    out: list = [None] * len(mats)
+    def one_at_a_time(x):
+        if x.shape[0] > 32:  # a loop, not an unrolled program, for long stacks
+            return jax.lax.map(lambda m: msign(m, **msign_kwargs), x)
+        return jnp.stack([msign(x[i], **msign_kwargs) for i in range(x.shape[0])])
+
+    if group is None and strategy == "none":
+        stack = [_stack_on_this_backend(m.shape) for m in mats]
+        groups = _groups([m for m, s in zip(mats, stack, strict=True) if s])
+        small = [i for i, s in enumerate(stack) if s]
+        groups = [[small[j] for j in g] for g in groups]
+        out: list = [None] * len(mats)
+        for i, s in enumerate(stack):
+            if not s:
+                out[i] = one_at_a_time(mats[i])
+    else:
+        stacking = group is not False or strategy == "owner"
+        groups = _groups(mats) if stacking else [[i] for i in range(len(mats))]
+        out = [None] * len(mats)
     for idx in groups:
         if len(idx) == 1:
             out[idx[0]] = run(mats[idx[0]])

@@ -78,7 +78,7 @@ def muon(
     eps: float = 1e-8,
     precision=None,
     compute_dtype=None,
-    group: bool = True,
+    group: bool | None = None,
     ns_method: str = "auto",
     sharding=None,
 ) -> optax.GradientTransformation:
@@ -98,7 +98,8 @@ def muon(
     explicitly given ``ns_steps`` must be listed in ``static_args``; the learning rates, ``beta``
     and the weight decays can be injected (changed without recompiling).
 
-    Speed: same-shape matrices share one batched msign (``group``), rectangular ones use Gram
+    Speed: same-shape matrices share one batched msign on GPU/TPU (``group``; on CPU large
+    matrices run one at a time, see :func:`orthogonalize`), rectangular ones use Gram
     Newton–Schulz (``ns_method="auto"``), and ``compute_dtype=jnp.bfloat16`` runs the matmuls in
     bfloat16 with float32 coefficients and normalization.
 

@@ -8,6 +8,7 @@ batch.
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import jax
@@ -133,6 +134,16 @@ def msign(
     _check_matrix(x)
     if normalization not in _NORMALIZATIONS:
         raise ValueError(f"normalization must be one of {_NORMALIZATIONS}, got {normalization!r}")
+    if method not in ("auto", "standard", "gram"):
+        raise ValueError(f"method must be 'auto', 'standard' or 'gram', got {method!r}")
+    if x.ndim > 2 and math.prod(x.shape[:-2]) == 1:
+        # A batch of one runs as a plain matrix: XLA:CPU runs batch-1 dots with a transposed
+        # operand up to 1.5× slower than 2-D ones (16 separate [1, 256, 256] msigns: 33 ms
+        # against 23 ms as 256×256 on 2 cores).
+        kw = dict(normalization=normalization, precision=precision, eps=eps)
+        kw |= dict(compute_dtype=compute_dtype, safety=safety, method=method)
+        out = msign(x.reshape(x.shape[-2:]), steps, coeffs, gram_restart=gram_restart, **kw)
+        return out.reshape(x.shape)
     table, steps = schedules.get_schedule(coeffs, steps)
     if safety is None:
         is_pe = isinstance(coeffs, str) and coeffs.lower().replace("-", "_") == "polar_express"
@@ -165,8 +176,6 @@ def msign(
     use_gram = method == "gram" or (
         method == "auto" and n_long >= 1.5 * m_short and jnp.dtype(cdt).itemsize >= 4
     )
-    if method not in ("auto", "standard", "gram"):
-        raise ValueError(f"method must be 'auto', 'standard' or 'gram', got {method!r}")
     if use_gram:
         out = _gram_newton_schulz(
             X, rows, steps, normalization, safety, precision, acc, cdt, gram_restart, tall

@@ -31,6 +31,7 @@ from manifold_optax.manifold_transforms import (
     _empty,
     _initial_leaves,
     _matrix_items,
+    _msign_fn,
     _online_step,
     _solver_config,
     group_default,
@@ -123,10 +124,12 @@ def manifold_step(
     def group_step(key, G, W, y, v, u, vec, lr):
         m = key[0]
         if solver == "online" and isinstance(m, Sphere):
-            # Sharded sphere: elementwise except the msign (its input gathered once) and two
-            # scalar all-reduces; nothing else is gathered.
-            phi, y = _online_step(m, G, W, y, m.theta(W), cfg, ms_kwargs, sharding)
-            return m.retract(W - lr * phi), y, v, u, vec
+            # Elementwise except the msign and a few reductions (the fewest passes over the
+            # matrices: Sphere.online_retracted_step); sharded, only the msign's input is
+            # gathered, and the reductions become scalar all-reduces.
+            eta = cfg.dual_learning_rate or m.default_dual_learning_rate
+            new, y = m.online_retracted_step(G, W, y, lr, eta, _msign_fn(ms_kwargs, sharding))
+            return new, y, v, u, vec
 
         def leaf_step(G, W, y, v, u, vec, lr):
             phi, y = direction(m, G, W, y, v, u, vec)

@@ -330,6 +330,16 @@ def dual_ascent(
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
+def _msign_fn(ms_kwargs, sharding=None):
+    """The dual step's msign: with ``sharding``, its input is gathered once and the whole
+    matrix is computed on every device."""
+
+    def msign_fn(Z):
+        return replicate(msign(replicate(Z, sharding), **ms_kwargs), sharding)
+
+    return msign_fn
+
+
 def _online_step(m: Manifold, G, W, Y, theta, cfg: SolverConfig, ms_kwargs, sharding=None):
     """One msign: ``Φ = msign(Ĝ + C*(Y))``, then ``Y ← Y − η₂·C(Φ)`` (``Ĝ = G/RMS-σ(G)``; see
     :meth:`Manifold.dual_step`: Stiefel returns ``Φ`` projected onto the tangent space, reusing
@@ -340,11 +350,7 @@ def _online_step(m: Manifold, G, W, Y, theta, cfg: SolverConfig, ms_kwargs, shar
     scale = jnp.sqrt(jnp.sum(G * G, axis=(-2, -1)) / min(G.shape[-2:]))
     Gn = G / jnp.where(scale > 0, scale, 1.0)[..., None, None]
     eta = cfg.dual_learning_rate or m.default_dual_learning_rate
-
-    def msign_fn(Z):
-        return replicate(msign(replicate(Z, sharding), **ms_kwargs), sharding)
-
-    phi, y = m.dual_step(Gn, W, Y, theta, eta, msign_fn)
+    phi, y = m.dual_step(Gn, W, Y, theta, eta, _msign_fn(ms_kwargs, sharding))
     # A zero gradient has no steepest direction: step nowhere, keep the multiplier.
     zero = scale == 0  # [*batch]
     phi = jnp.where(zero[..., None, None], 0.0, phi)

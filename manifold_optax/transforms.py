@@ -158,7 +158,7 @@ def orthogonalize(
     precision=None,
     eps: float = 1e-8,
     compute_dtype=None,
-    group: bool = True,
+    group: bool | None = None,
     ns_method: str = "auto",
     sharding=None,
 ) -> optax.GradientTransformation:
@@ -168,14 +168,17 @@ def orthogonalize(
     reduction and output axes (the rest are batch axes); without one the last two axes are the
     matrix and leading axes (``nnx.scan`` layers, heads, experts) are a batch. A spec of
     ``None`` inside a tree leaves that leaf unchanged. Same-shape matrices are stacked into one
-    batched msign (``group=True``).
+    batched msign on GPU/TPU; on CPU only small ones are (``group``).
 
     Args:
       ns_steps, ns_coeffs, normalization, precision, eps, compute_dtype: see
         :func:`manifold_optax.msign`.
       weight_dimension_numbers: ``None``, one ``MuonDimensionNumbers`` for every leaf, a tree
         prefix of ``MuonDimensionNumbers | None``, or a callable from updates to such a tree.
-      group: batch same-shape matrices into one msign call.
+      group: ``True`` batches same-shape matrices into one msign call, ``False`` runs each
+        leaf on its own; ``None`` (default) batches on GPU/TPU, and on CPU only matrices with
+        a short side below 128, running larger ones one at a time as 2-D products (faster
+        there: see :func:`manifold_optax._matrix.grouped_msign`).
       ns_method: ``"auto"`` (Gram Newton–Schulz for aspect ≥ 1.5 in float32), ``"standard"``
         or ``"gram"`` (see :func:`manifold_optax.msign`).
       sharding: a :class:`manifold_optax.sharding.MsignSharding` for sharded parameters.
@@ -220,7 +223,7 @@ def dualize(
     normalization: str = "schatten8",
     precision=None,
     compute_dtype=None,
-    group: bool = True,
+    group: bool | None = None,
     ns_method: str = "auto",
     sharding=None,
 ) -> optax.GradientTransformation:

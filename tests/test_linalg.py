@@ -1,5 +1,7 @@
 """msign and friends: accuracy against the SVD reference, properties over shapes/scales/dtypes."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -88,6 +90,28 @@ def test_batched_equals_per_matrix_and_jit_vmap(rng):
     # Same math; batched and single matmuls may sum in a different order (float32 round-off).
     np.testing.assert_allclose(batched, per, atol=2e-5)
     np.testing.assert_allclose(jax.vmap(mo.msign)(g), per, atol=2e-5)
+
+
+def test_a_batch_of_one_runs_as_a_plain_matrix(rng):
+    # [1, 1, r, c] is computed as the r×c matrix (XLA:CPU runs batch-1 dots slower): the same
+    # program, so the same bits, and the batch axes come back; both orientations, both methods.
+    for shape, method in [((24, 40), "standard"), ((40, 24), "gram"), ((40, 24), "standard")]:
+        x = jnp.asarray(rng.standard_normal(shape), jnp.float32)
+        one = jax.jit(lambda a, m=method: mo.msign(a, method=m))(x[None, None])
+        assert one.shape == (1, 1) + shape
+        np.testing.assert_array_equal(
+            one[0, 0], jax.jit(lambda a, m=method: mo.msign(a, method=m))(x)
+        )
+        jaxpr = str(jax.make_jaxpr(lambda a, m=method: mo.msign(a, method=m))(x[None, None]))
+        assert _dot_batch_dims(jaxpr) == {"[], []"}
+    # A real batch keeps its batched products.
+    jaxpr = str(jax.make_jaxpr(mo.msign)(jnp.ones((2, 24, 40))))
+    assert _dot_batch_dims(jaxpr) == {"[0], [0]"}
+
+
+def _dot_batch_dims(jaxpr: str) -> set:
+    """The batch-dimension pairs of every dot_general in a jaxpr's text."""
+    return set(re.findall(r"dimension_numbers=\(\([^)]*\), \(([^)]*)\)\)", jaxpr))
 
 
 def test_schedules_and_explicit_table(rng):

@@ -28,6 +28,29 @@ def test_orthogonalize_matrices_and_batches(rng):
         np.testing.assert_allclose(out[k], ungrouped[k], atol=2e-5)
 
 
+def test_cpu_grouping_rule_runs_large_matrices_one_at_a_time(rng, monkeypatch):
+    # group=None on CPU: matrices with a short side ≥ 128 run one at a time (no stacking, a
+    # stack of their own unrolled, a long one looped), smaller same-shape ones are stacked;
+    # every rule gives the batched result up to float32 round-off.
+    from manifold_optax import _matrix
+
+    monkeypatch.setattr(_matrix, "CPU_PER_MATRIX_MIN_SIDE", 16)  # small sizes, same rule
+    f32 = lambda *s: jnp.asarray(rng.standard_normal(s), jnp.float32)
+    tree = {"a": f32(24, 16), "b": f32(24, 16), "stack": f32(3, 16, 24), "long": f32(34, 16, 16)}
+    tree |= {"s1": f32(8, 12), "s2": f32(8, 12)}
+    tx = mo.orthogonalize(ns_steps=8)
+    out, _ = jax.jit(lambda t: tx.update(t, optax.EmptyState()))(tree)
+    stacked, _ = mo.orthogonalize(ns_steps=8, group=True).update(tree, optax.EmptyState())
+    for k in tree:
+        np.testing.assert_allclose(out[k], stacked[k], atol=2e-5)
+    jaxpr = str(jax.make_jaxpr(lambda t: tx.update(t, optax.EmptyState())[0])(tree))
+    cpu = jax.default_backend() == "cpu"
+    # Only the two small 8×12 leaves are concatenated on CPU; everything same-shape elsewhere.
+    concats = jaxpr.count("concatenate[")
+    assert concats == (1 if cpu else 2), concats
+    assert ("scan[" in jaxpr) == cpu  # the 34-matrix stack is looped (lax.map)
+
+
 def test_orthogonalize_conv_kernel_spec(rng):
     # A conv kernel (h, w, in, out): reduction = (0, 1, 2), output = 3.
     k = jnp.asarray(rng.standard_normal((3, 3, 4, 8)), jnp.float32)
