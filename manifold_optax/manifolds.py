@@ -569,17 +569,6 @@ class Stiefel(Manifold):
             X = full(X)
             return X, _mm(_t(X), X), jnp.ones(X.shape[:-2] + (1, 1), X.dtype)
 
-        if exact is None or exact:
-            X, A, inv_c = full_gram(X)
-        else:
-            X, A, inv_c = normalized_gram(X)
-            # ‖A − I‖₂ ≤ max row sum (A symmetric); below 0.8 every σ lies in [0.45, 1.34],
-            # inside the quintic's basin. Otherwise (never-projected parameters) go exact.
-            bound = jnp.max(jnp.sum(jnp.abs(A - eye), axis=-1))
-            X, A, inv_c = jax.lax.cond(
-                bound > 0.8, lambda X, A, s: full_gram(X), lambda X, A, s: (X, A, s), X, A, inv_c
-            )
-
         def quintic(A):
             return 1.875 * eye - 1.25 * A + 0.375 * _mm(A, A)
 
@@ -606,20 +595,32 @@ class Stiefel(Manifold):
 
         # After the full msign, tiny singular values (σ_min/σ_max ≲ 1e-4, e.g. a square
         # Gaussian init) may still need a dozen quintic steps.
-        cap = self.retract_steps if exact is False else max(self.retract_steps, 32)
+        long_cap = max(self.retract_steps, 32)
+
+        def exact_then_polish(X, A, s):
+            X, A, _ = full_gram(X)
+            return polish(X, A, long_cap)
+
+        branches = [
+            lambda X, A, s: _mm(X, (1.5 * eye - 0.5 * A) * s),  # cubic: e → 0.75e² ≤ 7e-8
+            lambda X, A, s: _mm(X, quintic(A) * s),  # quintic: e → 0.63e³ ≤ 8e-8
+            lambda X, A, s: polish(X * s, A, self.retract_steps),
+            exact_then_polish,
+        ]
+        if exact is None or exact:
+            X, A, inv_c = full_gram(X)
+            branches = branches[:2] + [lambda X, A, s: polish(X, A, long_cap)]
+            far = False
+        else:
+            X, A, inv_c = normalized_gram(X)
+            # ‖A − I‖₂ ≤ max row sum (A symmetric); below 0.8 every σ lies in [0.45, 1.34],
+            # inside the quintic's basin. Otherwise (never-projected parameters) go exact.
+            # (One switch for both decisions: a cond in front of it returned V through an
+            # identity branch, which XLA:CPU copied, a pass over every V.)
+            far = jnp.max(jnp.sum(jnp.abs(A - eye), axis=-1)) > 0.8
         e = fro(A)
-        branch = jnp.where(e <= 3e-4, 0, jnp.where(e <= 5e-3, 1, 2))
-        X = jax.lax.switch(
-            branch,
-            [
-                lambda X, A, s: _mm(X, (1.5 * eye - 0.5 * A) * s),  # cubic: e → 0.75e² ≤ 7e-8
-                lambda X, A, s: _mm(X, quintic(A) * s),  # quintic: e → 0.63e³ ≤ 8e-8
-                lambda X, A, s: polish(X * s, A, cap),
-            ],
-            X,
-            A,
-            inv_c,
-        )
+        branch = jnp.where(far, 3, jnp.where(e <= 3e-4, 0, jnp.where(e <= 5e-3, 1, 2)))
+        X = jax.lax.switch(branch, branches, X, A, inv_c)
         X = _t(X) if wide else X
         return X.astype(jnp.result_type(W))
 

@@ -296,6 +296,30 @@ def test_stiefel_projection_of_square_gaussians_with_tiny_singular_values():
     assert float(mo.Stiefel().distance(w)) < 2e-6
 
 
+@pytest.mark.parametrize("shape", [(64, 32), (32, 64), (48, 48)])
+def test_training_retraction_takes_each_branch_to_the_polar_factor(shape, rng):
+    # The step's retraction (exact=False) picks one of four branches by how far V is from
+    # orthonormal: a tangent step (cubic, or quintic: one product), a larger residual (the
+    # polish loop), and a V never projected (the full msign first). Each must land on the
+    # polar factor of V (float64 SVD), and on the manifold, to float32 accuracy.
+    m = mo.Stiefel()
+    W = np.asarray(_point(m, shape, rng), np.float64)
+    tall = W if shape[0] >= shape[1] else W.T
+    skew = rng.standard_normal((tall.shape[1],) * 2)
+    eye = np.eye(tall.shape[1])
+    cases = [(eye + t * (skew - skew.T), b) for t, b in [(5e-4, 0), (2e-3, 1), (0.02, 2)]]
+    for V, branch in [(tall @ M, b) for M, b in cases] + [(rng.standard_normal(tall.shape), 3)]:
+        # The branch the retraction takes (its own test on A = VᵀV/mean eigenvalue):
+        A = V.T @ V / (np.trace(V.T @ V) / V.shape[1]) - eye
+        e, bound = np.linalg.norm(A), np.abs(A).sum(1).max()
+        assert branch == (3 if bound > 0.8 else 0 if e <= 3e-4 else 1 if e <= 5e-3 else 2)
+        V = V if shape[0] >= shape[1] else V.T
+        out = np.asarray(m.retract(jnp.asarray(V, jnp.float32), exact=False), np.float64)
+        u, _, vt = np.linalg.svd(V, full_matrices=False)
+        np.testing.assert_allclose(out, u @ vt, atol=2e-5)
+        assert float(m.distance(jnp.asarray(out, jnp.float32))) < 2e-6
+
+
 def test_many_batched_spectral_groups_do_not_deadlock():
     """Three same-shape groups of spectral-sphere leaves in one jitted step: batched LAPACK
     calls scheduled concurrently deadlocked XLA's CPU thread pool (linalg.per_matrix)."""
