@@ -348,8 +348,9 @@ class Sphere(Manifold):
         ``‖V‖² = ‖W‖² − 2η⟨W, Φ⟩ + η²‖Φ‖²`` come from reductions over ``W`` and ``Φ``
         (``‖V‖ ≈ ‖W‖``: the sum loses nothing to cancellation), and the result
         ``r·(W − ηΦ)/‖V‖`` is one elementwise pass. On the reference tree (2 CPU cores) the
-        sphere step went from 1.089× to 1.040× ``muon``'s (the Θ and V arrays were passes). ``W``, ``G``: ``[*b, rows, cols]``
-        float32; ``Y``: ``[*b]``; ``msign_fn`` the msign to run."""
+        sphere step went from 1.089× to 1.040× ``muon``'s (the Θ and V arrays were passes).
+        ``W``, ``G``: ``[*b, rows, cols]`` float32; ``Y``: ``[*b]``; ``msign_fn`` the msign
+        to run."""
         ax = (-2, -1)
         gg, ww = jnp.sum(G * G, axis=ax), jnp.sum(W * W, axis=ax)
         zero = gg == 0
