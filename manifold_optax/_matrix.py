@@ -128,19 +128,19 @@ def grouped_msign(
             return jax.lax.map(lambda m: msign(m, **msign_kwargs), x)
         return jnp.stack([msign(x[i], **msign_kwargs) for i in range(x.shape[0])])
 
+    out: list = [None] * len(mats)
     if group is None and strategy == "none":
-        stack = [_stack_on_this_backend(m.shape) for m in mats]
-        groups = _groups([m for m, s in zip(mats, stack, strict=True) if s])
-        small = [i for i, s in enumerate(stack) if s]
-        groups = [[small[j] for j in g] for g in groups]
-        out: list = [None] * len(mats)
-        for i, s in enumerate(stack):
-            if not s:
-                out[i] = one_at_a_time(mats[i])
+        # The rule depends on the shape only, so a same-shape group is stacked or not as one.
+        groups = []
+        for idx in _groups(mats):
+            if _stack_on_this_backend(mats[idx[0]].shape):
+                groups.append(idx)
+            else:
+                for i in idx:
+                    out[i] = one_at_a_time(mats[i])
     else:
         stacking = group is not False or strategy == "owner"
         groups = _groups(mats) if stacking else [[i] for i in range(len(mats))]
-        out = [None] * len(mats)
     for idx in groups:
         if len(idx) == 1:
             out[idx[0]] = run(mats[idx[0]])

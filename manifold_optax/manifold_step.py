@@ -127,7 +127,7 @@ def manifold_step(
             # Elementwise except the msign and a few reductions (the fewest passes over the
             # matrices: Sphere.online_retracted_step); sharded, only the msign's input is
             # gathered, and the reductions become scalar all-reduces.
-            eta = cfg.dual_learning_rate or m.default_dual_learning_rate
+            eta = m.dual_step_size(cfg)
             new, y = m.online_retracted_step(G, W, y, lr, eta, _msign_fn(ms_kwargs, sharding))
             return new, y, v, u, vec
 

@@ -349,7 +349,7 @@ def _online_step(m: Manifold, G, W, Y, theta, cfg: SolverConfig, ms_kwargs, shar
     """
     scale = jnp.sqrt(jnp.sum(G * G, axis=(-2, -1)) / min(G.shape[-2:]))
     Gn = G / jnp.where(scale > 0, scale, 1.0)[..., None, None]
-    eta = cfg.dual_learning_rate or m.default_dual_learning_rate
+    eta = m.dual_step_size(cfg)
     phi, y = m.dual_step(Gn, W, Y, theta, eta, _msign_fn(ms_kwargs, sharding))
     # A zero gradient has no steepest direction: step nowhere, keep the multiplier.
     zero = scale == 0  # [*batch]

@@ -167,6 +167,10 @@ class Manifold:
         return Phi - (c / jnp.maximum(t2, 1e-30))[..., None, None] * theta
 
     # --- solvers --------------------------------------------------------------------------
+    def dual_step_size(self, config: SolverConfig) -> float:
+        """η₂ of the dual step: the configured one, else this manifold's default."""
+        return config.dual_learning_rate or self.default_dual_learning_rate
+
     def dual_step(self, Gn, W, Y, theta, eta, msign_fn):
         """One dual-ascent step on a normalized gradient ``Ĝ``: ``Φ = msign(Ĝ + C_W*(Y))``,
         ``Y ← Y − η₂·C_W(Φ)``; returns ``(Φ, Y)``, with ``Φ`` projected onto the tangent space
@@ -247,7 +251,7 @@ class Manifold:
         return self._scalar_exact(Gn, theta, config)
 
     def _dual_ascent(self, Gn, W, Y, theta, steps, config):
-        eta = config.dual_learning_rate or self.default_dual_learning_rate
+        eta = self.dual_step_size(config)
 
         def body(k, Y):
             Phi = self._msign(Gn + self.adjoint(W, Y, theta), config)
