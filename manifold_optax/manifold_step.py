@@ -34,6 +34,7 @@ from manifold_optax.manifold_transforms import (
     _msign_fn,
     _online_step,
     _solver_config,
+    _stiefel_updates,
     group_default,
     resolve_manifolds,
     run_grouped,
@@ -129,17 +130,20 @@ def manifold_step(
             # gathered, and the reductions become scalar all-reduces.
             eta = m.dual_step_size(cfg)
             new, y = m.online_retracted_step(G, W, y, lr, eta, _msign_fn(ms_kwargs, sharding))
-            return new, y, v, u, vec
+            return new, y, v, u, vec, None, None
 
         def leaf_step(G, W, y, v, u, vec, lr):
             phi, y = direction(m, G, W, y, v, u, vec)
             V = W - lr * phi
             if isinstance(m, SpectralSphere):
                 aux = m.update_aux(V, Aux(v), power_iters)
-                return m.retract(V, aux), y, aux.v, aux.u, aux.vec
+                return m.retract(V, aux), y, aux.v, aux.u, aux.vec, None, None
             if isinstance(m, Stiefel):
-                return m.retract(V, exact=False), y, v, u, vec
-            return m.retract(V), y, v, u, vec
+                # One quintic polish step here; the fallback for matrices it leaves short of
+                # float32 accuracy runs under one conditional for all (_stiefel_updates).
+                X, ok = m.polish_once(V)
+                return X, y, v, u, vec, ok, V
+            return m.retract(V), y, v, u, vec, None, None
 
         # Gather once, then the dual step and the retraction on whole matrices on every
         # device (see dual_ascent; the retraction reuses the gathered W).
@@ -165,17 +169,23 @@ def manifold_step(
         def fn(key, *arrays):
             return group_step(key, *arrays, lr)
 
-        new_u, new_s = list(g_leaves), list(state.leaves)
-        for i, (new, y, v, u, vec) in zip(
+        new_u, new_s, pending = list(g_leaves), list(state.leaves), []
+        for i, (new, y, v, u, vec, ok, V) in zip(
             where, run_grouped(fn, items, group_default(group)), strict=True
         ):
             w, ls = w_leaves[i], state.leaves[i]
-            new_w = new.reshape(w.shape).astype(w.dtype)
-            new_u[i] = (new_w - w).astype(g_leaves[i].dtype)
+            if ok is not None:  # Stiefel: finished below, under one conditional for all
+                pending.append((i, (manifolds[i], new, V, ok, w, g_leaves[i].dtype)))
+            else:
+                new_w = new.reshape(w.shape).astype(w.dtype)
+                new_u[i] = (new_w - w).astype(g_leaves[i].dtype)
             shaped = lambda a, like: None if a is None else a.reshape(like.shape)
             new_s[i] = StepLeafState(
                 shaped(y, ls.y), shaped(v, ls.v), shaped(u, ls.u), shaped(vec, ls.vec)
             )
+        updates = _stiefel_updates([entry for _, entry in pending], sharding)
+        for (i, _), upd in zip(pending, updates, strict=True):
+            new_u[i] = upd
         count = optax.safe_increment(state.count)
         return jax.tree.unflatten(treedef, new_u), ManifoldStepState(count, tuple(new_s))
 

@@ -359,6 +359,38 @@ def _online_step(m: Manifold, G, W, Y, theta, cfg: SolverConfig, ms_kwargs, shar
     return phi, y
 
 
+def _stiefel_updates(pending: list, sharding=None) -> list:
+    """The updates ``R(V) − W`` of the Stiefel leaves from their conditional-free polish
+    (:meth:`Stiefel.polish_once`), with one conditional for all of them: only if some matrix's
+    single step fell short of float32 accuracy does the fallback (``Stiefel.retract(V,
+    exact=False)``: the polish loop, or the full msign for a far-off ``V``) run, and then it
+    replaces just those matrices. On GPU, XLA reads each conditional's predicate back to the
+    host, so one for the step rather than a switch per matrix (24 on the reference tree); on
+    2 CPU cores the two measured the same (1.561× against 1.550× ``muon`` with no conditional
+    at all, within the machine's noise).
+
+    ``pending``: ``(m, X, V, ok, w, dtype)`` per leaf, ``X``/``V`` ``[b, rows, cols]`` float32
+    (the polished and the raw point), ``ok`` ``[b]``, ``w`` the parameter, ``dtype`` the
+    update's."""
+    if not pending:
+        return []
+    ok_all = jnp.all(jnp.stack([jnp.all(p[3]) for p in pending]))
+
+    def fallback(arrays):
+        out = []
+        for (m, *_), (X, V, ok) in zip(pending, arrays, strict=True):
+            R = run_replicated(lambda V, m=m: m.retract(V, exact=False), sharding, V)
+            out.append(jnp.where(ok[:, None, None], X, R))
+        return out
+
+    arrays = [(p[1], p[2], p[3]) for p in pending]
+    news = jax.lax.cond(ok_all, lambda a: [X for X, _, _ in a], fallback, arrays)
+    return [
+        (X.reshape(w.shape).astype(w.dtype) - w).astype(dtype)
+        for X, (*_, w, dtype) in zip(news, pending, strict=True)
+    ]
+
+
 def retract(
     manifold, *, power_iters: int = 6, sharding=None, group: bool | None = None
 ) -> optax.GradientTransformationExtraArgs:
@@ -406,25 +438,33 @@ def retract(
             m = key[0]
             if isinstance(m, Sphere):
                 # A norm and a rescale: stays sharded (one scalar all-reduce).
-                return m.retract(V), v
+                return m.retract(V), v, None, None
 
             def leaf_retract(V, v):
                 if isinstance(m, SpectralSphere):
                     aux = m.update_aux(V, Aux(v), power_iters)
-                    return m.retract(V, aux), aux.v
-                return m.retract(V, exact=False), v
+                    return m.retract(V, aux), aux.v, None, None
+                if isinstance(m, Stiefel):
+                    X, ok = m.polish_once(V)
+                    return X, v, ok, V
+                return m.retract(V), v, None, None
 
             # Block power iteration / polar polish on whole matrices (see dual_ascent).
             return run_replicated(leaf_retract, sharding, V, v)
 
-        out, vs = list(u_leaves), list(state.v)
-        for i, (new, v) in zip(
+        out, vs, pending = list(u_leaves), list(state.v), []
+        for i, (new, v, ok, V) in zip(
             where, run_grouped(group_retract, items, group_default(group)), strict=True
         ):
             w, u = w_leaves[i], u_leaves[i]
-            new = new.reshape(w.shape).astype(w.dtype)
-            out[i] = (new - w).astype(u.dtype)
+            if ok is not None:  # Stiefel: finished below, under one conditional for all
+                pending.append((i, (manifolds[i], new, V, ok, w, u.dtype)))
+            else:
+                out[i] = (new.reshape(w.shape).astype(w.dtype) - w).astype(u.dtype)
             vs[i] = None if v is None else v.reshape(state.v[i].shape)
+        updates = _stiefel_updates([entry for _, entry in pending], sharding)
+        for (i, _), upd in zip(pending, updates, strict=True):
+            out[i] = upd
         return jax.tree.unflatten(treedef, out), RetractState(tuple(vs))
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -86,6 +86,28 @@ def _apply_sym(X, M):
     return _mm(M, X) if X.shape[-2] <= X.shape[-1] else _mm(X, M)
 
 
+def _normalized_gram(X):
+    """``(A, 1/c)``: the short-side Gram of ``X/c``, ``c²`` its mean eigenvalue (the scale is
+    folded into the m×m polish factor, ``X·(p(A)/c)``, rather than applied to ``X``: a pass)."""
+    m = min(X.shape[-2:])
+    A = _cross(X, X)
+    c2 = jnp.trace(A, axis1=-2, axis2=-1) / m
+    c2 = jnp.where(c2 > 0, c2, 1.0)[..., None, None]
+    return A / c2, jax.lax.rsqrt(c2)
+
+
+def _quintic(A):
+    """``p(A) = (15I − 10A + 3A²)/8``: one Newton–Schulz step toward ``A^{-1/2}``."""
+    eye = jnp.eye(A.shape[-1], dtype=A.dtype)
+    return 1.875 * eye - 1.25 * A + 0.375 * _mm(A, A)
+
+
+def _fro_from_identity(A):
+    """``‖A − I‖_F`` per matrix."""
+    eye = jnp.eye(A.shape[-1], dtype=A.dtype)
+    return jnp.sqrt(jnp.sum((A - eye) ** 2, axis=(-2, -1)))
+
+
 @dataclasses.dataclass(frozen=True)
 class SolverConfig:
     """Options of the multiplier solvers.
@@ -563,12 +585,14 @@ class Stiefel(Manifold):
         """The polar factor of ``W`` (the nearest point on the manifold).
 
         ``exact=False`` (the training step, where ``V = W − ηΦ`` is close to orthonormal):
-        with one Gram ``A = VᵀV/c²`` (``VVᵀ`` in the row form) (``c²`` its mean eigenvalue), quintic Newton–Schulz steps
-        ``X ← X·p(XᵀX)``, ``p(A) = (15I − 10A + 3A²)/8`` (cubic convergence: a deviation
-        ``e = ‖A − I‖₂`` becomes at most ``0.63e³``). If ``‖A − I‖_F ≤ 5e-3`` (a tangent step:
-        the deviation is O(η²)) a single step reaches float32 accuracy (``≤ 1.4e-7``) and is
-        taken without another Gram: two n×m×m products and one m×m×m in all (below 3e-4 the
-        cubic ``X(3I − A)/2`` does, without the m×m×m). Otherwise steps
+        with one Gram ``A = VᵀV/c²`` (``VVᵀ`` in the row form; ``c²`` its mean eigenvalue),
+        quintic Newton–Schulz steps ``X ← X·p(XᵀX)``, ``p(A) = (15I − 10A + 3A²)/8`` (cubic
+        convergence: a deviation ``e = ‖A − I‖₂`` becomes at most ``0.63e³``). If
+        ``‖A − I‖_F ≤ 5e-3`` (a tangent step: the deviation is O(η²)) a single step reaches
+        float32 accuracy (``≤ 1.4e-7``) and is taken without another Gram: two n×m×m products
+        and one m×m×m in all (below 3e-4 the cubic ``X(3I − A)/2`` does, without the m×m×m;
+        the transforms take that single step without a conditional, :meth:`polish_once`,
+        and come here only when it falls short). Otherwise steps
         continue until ``max|XᵀX − I| ≤ 1e-6`` or ``‖XᵀX − I‖_F`` stops improving (at most
         ``retract_steps``; 32 after the full msign). A bound on
         ``‖A − I‖₂`` above 0.8 (e.g. parameters never projected) takes the float32-accurate
@@ -583,12 +607,7 @@ class Stiefel(Manifold):
             return msign(X, steps=10, precision=HIGHEST)
 
         def normalized_gram(X):
-            # The Gram of X/c (c² the mean eigenvalue of XᵀX) and 1/c: the scale is folded
-            # into the m×m polish factor (X·(p(A)/c)) rather than applied to X (a pass).
-            A = _cross(X, X)
-            c2 = jnp.trace(A, axis1=-2, axis2=-1) / m
-            c2 = jnp.where(c2 > 0, c2, 1.0)[..., None, None]
-            return X, A / c2, jax.lax.rsqrt(c2)
+            return (X, *_normalized_gram(X))
 
         def full_gram(X):
             # No renormalization after msign: its σ are already in [0, 1.01], and scaling by the
@@ -596,11 +615,10 @@ class Stiefel(Manifold):
             X = full(X)
             return X, _cross(X, X), jnp.ones(X.shape[:-2] + (1, 1), X.dtype)
 
-        def quintic(A):
-            return 1.875 * eye - 1.25 * A + 0.375 * _mm(A, A)
+        quintic = _quintic
 
         def fro(A):
-            return jnp.max(jnp.sqrt(jnp.sum((A - eye) ** 2, axis=(-2, -1))))
+            return jnp.max(_fro_from_identity(A))
 
         def polish(X, A, cap):
             # X ← X·p(A), A ← XᵀX until max|A − I| ≤ 1e-6, or ‖A − I‖_F stops halving once
@@ -649,6 +667,18 @@ class Stiefel(Manifold):
         branch = jnp.where(far, 3, jnp.where(e <= 3e-4, 0, jnp.where(e <= 5e-3, 1, 2)))
         X = jax.lax.switch(branch, branches, X, A, inv_c)
         return X.astype(jnp.result_type(W))
+
+    def polish_once(self, V):
+        """The training retraction without control flow: ``X = V·p(A)/c`` from one Gram (one
+        quintic step, as :meth:`retract`'s ``exact=False`` path takes for a tangent step), and
+        per matrix whether that reached float32 accuracy (``‖A − I‖_F ≤ 5e-3``: the result is
+        then within ``1.4e-7`` of orthonormal). Where it did not, ``retract(V, exact=False)``
+        is the answer; the transforms take it for all matrices under one conditional
+        (``manifold_transforms._stiefel_updates``) instead of one switch per matrix (on GPU,
+        XLA reads each conditional's predicate back to the host). Returns ``(X, ok)``."""
+        X = jnp.asarray(V, jnp.float32)
+        A, inv_c = _normalized_gram(X)
+        return _apply_sym(X, _quintic(A) * inv_c), _fro_from_identity(A) <= 5e-3
 
     def distance(self, W):
         W = jnp.asarray(W, jnp.float32)

@@ -185,6 +185,36 @@ def test_explicit_chain_equals_manifold_muon(m, atol, rng):
         params = optax.apply_updates(params, uc)
 
 
+@pytest.mark.parametrize("transform", ["manifold_step", "chain"])
+def test_stiefel_step_falls_back_only_where_one_polish_step_falls_short(transform, rng):
+    # The Stiefel step polishes every matrix with one quintic step (no conditional) and runs the
+    # full retraction, under one conditional for all leaves, only where that step falls short
+    # of float32 accuracy (‖A − I‖_F > 5e-3: here a large step on "big"). "still" has a zero
+    # gradient: it must stay where it is; "big" must land on the polar factor of W − ηΦ.
+    m = mo.Stiefel()
+    params = {"big": _point(m, (48, 24), rng), "still": _point(m, (24, 40), rng)}
+    grads = {"big": jnp.asarray(rng.standard_normal((48, 24)), jnp.float32)}
+    grads["still"] = jnp.zeros((24, 40), jnp.float32)
+    lr = 0.5
+    direction = mo.dual_ascent(m, "online")
+    phi, _ = direction.update(grads, direction.init(params), params)
+    V = {k: params[k] - lr * phi[k] for k in params}
+    assert not bool(m.polish_once(V["big"])[1]) and bool(m.polish_once(V["still"])[1])
+    if transform == "manifold_step":
+        tx = mo.manifold_step(m, lr)
+    else:
+        tx = optax.chain(
+            mo.dual_ascent(m, "online"), optax.scale_by_learning_rate(lr), mo.retract(m)
+        )
+    upd, _ = jax.jit(tx.update)(grads, tx.init(params), params)
+    new = optax.apply_updates(params, upd)
+    assert np.abs(np.asarray(upd["still"])).max() <= 1e-6
+    u, _, vt = np.linalg.svd(np.asarray(V["big"], np.float64), full_matrices=False)
+    np.testing.assert_allclose(new["big"], u @ vt, atol=2e-5)
+    for k in new:
+        assert float(m.distance(new[k])) < 2e-6, k
+
+
 def test_online_square_stiefel_is_exactly_tangent_from_the_first_step(rng):
     # The closed form needs no multiplier to converge: tangent at float32 round-off at once,
     # and the same direction as the exact solver (which runs 10 msign steps instead of 5).
