@@ -14,8 +14,9 @@ retraction; solvers differ only in how they find ``Y``:
 * ``"dual_ascent"`` — ``k`` steps ``Y ← Y − η₂·C_W(Φ)`` from a warm start, on a normalized G;
 * ``"online"`` — one such step per training step, ``Y`` carried in the optimizer state.
 
-Square Stiefel takes the closed form ``Φ = W·msign(skew(WᵀG))`` under every solver: it is exact
-and costs less than one dual step.
+Square Stiefel takes the closed form ``Φ = W·msign(skew(WᵀG))`` under every solver (computed
+as ``msign(skew(GWᵀ))·W``, the same matrix for an orthogonal ``W``): it is exact and costs less
+than one dual step.
 
 Manifold objects are frozen dataclasses: hashable static configuration, leaves in any tree
 prefix, never traced. Arrays are ``[*batch, n, m]``; 0-D/1-D leaves are only valid for
