@@ -616,8 +616,6 @@ class Stiefel(Manifold):
             X = full(X)
             return X, _cross(X, X), jnp.ones(X.shape[:-2] + (1, 1), X.dtype)
 
-        quintic = _quintic
-
         def fro(A):
             return jnp.max(_fro_from_identity(A))
 
@@ -628,7 +626,7 @@ class Stiefel(Manifold):
             # The Gram is recomputed from X each step (recurring on A alone drifts to ~4e-6).
             def body(c):
                 X, A, _, f, k = c
-                X = _apply_sym(X, quintic(A))
+                X = _apply_sym(X, _quintic(A))
                 A = _cross(X, X)
                 return X, A, f, fro(A), k + 1
 
@@ -649,7 +647,7 @@ class Stiefel(Manifold):
 
         branches = [
             lambda X, A, s: _apply_sym(X, (1.5 * eye - 0.5 * A) * s),  # cubic: e → 0.75e² ≤ 7e-8
-            lambda X, A, s: _apply_sym(X, quintic(A) * s),  # quintic: e → 0.63e³ ≤ 8e-8
+            lambda X, A, s: _apply_sym(X, _quintic(A) * s),  # quintic: e → 0.63e³ ≤ 8e-8
             lambda X, A, s: polish(X * s, A, self.retract_steps),
             exact_then_polish,
         ]
