@@ -11,6 +11,11 @@ same run. Each optimizer first takes 20 warm-up steps (steady state: filled mome
 converged online multiplier), then the same step is timed repeatedly. Also checks that
 repeated steps do not retrace (the "traces" column counts traces after the first).
 
+The "GFLOP" and "FLOPs × muon" columns count the matmul FLOPs of each step from its jaxpr
+(``_flops.matmul_flops``: the path a step on the manifold takes, fallback conditionals at
+their cheapest branch). Their ratio is the time ratio the step would have if every product ran
+at the same rate: the floor under the measured ratio, which only fewer FLOPs can lower.
+
 Run: ``python benchmarks/step_bench.py [--wide] [--reps N]``; writes
 ``benchmarks/results/step.json`` (``step_wide.json``).
 """
@@ -30,6 +35,7 @@ import jax.numpy as jnp
 import optax
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
+from _flops import matmul_flops  # noqa: E402
 from _timing import time_interleaved  # noqa: E402
 
 import manifold_optax as mo  # noqa: E402
@@ -98,10 +104,12 @@ def main():
         keep = a.only.split(",")
         txs = {k: v for k, v in txs.items() if any(s in k for s in keep)}
     grads = jax.tree.map(lambda x: 0.01 * jax.random.normal(jax.random.PRNGKey(1), x.shape), tree)
-    fns, args, traces = {}, {}, {}
+    fns, args, traces, gflop = {}, {}, {}, {}
     for name, tx in txs.items():
         params = mo.project_params(tree, tx_manifold(name))
         state = tx.init(params)
+        count = matmul_flops(lambda p, s, g, tx=tx: tx.update(g, s, p), params, state, grads)
+        gflop[name] = count.flops / 1e9
         traces[name] = 0
 
         def step(p, s, g, tx=tx, name=name):
@@ -150,6 +158,8 @@ def main():
                 "vs_roofline": ratio(name, "matmul") / roof_scale,
                 "vs_muon_default": ratio(name, default),
                 "vs_muon_jordan": ratio(name, jordan),
+                "gflop": gflop[name],
+                "flops_vs_muon_default": gflop[name] / gflop[default] if default in gflop else None,
                 "traces": traces[name],
             }
         )
@@ -163,15 +173,16 @@ def main():
     )
     print(
         "| optimizer | ms/step | × optax muon | × roofline | × muon default (same NS as "
-        "manifold_muon) | × muon Jordan/Frobenius (same NS as optax) | traces |"
+        "manifold_muon) | × muon Jordan/Frobenius (same NS as optax) | GFLOP | FLOPs × muon "
+        "default | traces |"
     )
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         f = lambda v: "—" if v is None else f"{v:.3f}"
         print(
             f"| {r['optimizer']} | {r['ms']:.1f} | {f(r['vs_optax_muon'])} | "
             f"{r['vs_roofline']:.3f} | {f(r['vs_muon_default'])} | {f(r['vs_muon_jordan'])} | "
-            f"{r['traces']} |"
+            f"{r['gflop']:.2f} | {f(r['flops_vs_muon_default'])} | {r['traces']} |"
         )
     out = pathlib.Path(__file__).parent / "results" / ("step_wide.json" if a.wide else "step.json")
     out.write_text(
