@@ -6,8 +6,9 @@ times, a ``cond``/``switch`` counts its cheapest branch (the manifold steps' con
 fallbacks that a step on the manifold does not take, e.g. the Stiefel retraction's), and a
 ``while`` body counts once (there is none outside such fallbacks in the optimizers here;
 ``MatmulCount.while_loops`` says how many were met on the counted path). Elementwise work and
-LAPACK calls (eigh, QR, SVD) are not counted: elementwise work is under 1% of the benchmark
-trees' FLOPs, though not of their time.
+LAPACK calls (eigh, QR, SVD) are not counted: elementwise work, 0.09–0.16 G element
+operations per step on step_bench's d = 256 tree (muon to Stiefel), is under 1% of its matmul
+FLOPs, though not of its time.
 
 Unlike XLA's ``cost_analysis()``, which adds every branch of every conditional, this is the
 work the step does; dividing two such counts gives the time ratio the two steps would have
