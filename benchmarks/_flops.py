@@ -43,7 +43,8 @@ def _count(jaxpr) -> MatmulCount:
         if name == "dot_general":
             flops += _dot_flops(eqn)
         elif name == "cond":
-            flops += min(_count(b.jaxpr).flops for b in eqn.params["branches"])
+            branch = min((_count(b.jaxpr) for b in eqn.params["branches"]), key=lambda c: c.flops)
+            flops, whiles = flops + branch.flops, whiles + branch.while_loops
         elif name == "while":
             body = _count(eqn.params["body_jaxpr"].jaxpr)
             flops, whiles = flops + body.flops, whiles + 1 + body.while_loops

@@ -484,9 +484,10 @@ def top_singular_subspace(
     ``x``, left for wide and square: its products are the cheap ones, and the square Gram
     ``xxᵀ`` is the form XLA:CPU multiplies fastest, see :func:`matmul_tn`):
     ``Y ← AᵀA·Y`` for ``iters`` steps on a ``[*batch, s, p]`` block
-    (``p = min(block, rows, cols)``, ``A = x`` or ``xᵀ``), with the columns rescaled to unit norm each step (subspace iteration orthonormalizes only for
-    numerics; directions more than ~10⁶ below the top in ``(σ_j/σ₁)^{2·iters}`` are lost,
-    and none of them matter for the top singular value). Rayleigh–Ritz on the block then
+    (``p = min(block, rows, cols)``, ``A = x`` or ``xᵀ``), with the columns rescaled to unit
+    norm each step (subspace iteration orthonormalizes only for numerics; directions more
+    than ~10⁶ below the top in ``(σ_j/σ₁)^{2·iters}`` are lost, and none of them matter for
+    the top singular value). Rayleigh–Ritz on the block then
     gives ``σ₁`` and the top pair (:func:`_ritz_top`: a shifted Cholesky of the ``p×p``
     block Gram and the top eigenvector of ``QᵀAᵀAQ`` by repeated squaring, batched matmuls
     where a per-matrix QR and eigensolver took 2.4 ms of the reference tree's step; ``σ₁``

@@ -35,6 +35,7 @@ from manifold_optax.manifold_transforms import (
     _online_step,
     _solver_config,
     _stiefel_updates,
+    _update_to,
     group_default,
     resolve_manifolds,
     run_grouped,
@@ -175,17 +176,14 @@ def manifold_step(
         ):
             w, ls = w_leaves[i], state.leaves[i]
             if ok is not None:  # Stiefel: finished below, under one conditional for all
-                pending.append((i, (manifolds[i], new, V, ok, w, g_leaves[i].dtype)))
+                pending.append((i, manifolds[i], new, V, ok, w, g_leaves[i].dtype))
             else:
-                new_w = new.reshape(w.shape).astype(w.dtype)
-                new_u[i] = (new_w - w).astype(g_leaves[i].dtype)
+                new_u[i] = _update_to(new, w, g_leaves[i].dtype)
             shaped = lambda a, like: None if a is None else a.reshape(like.shape)
             new_s[i] = StepLeafState(
                 shaped(y, ls.y), shaped(v, ls.v), shaped(u, ls.u), shaped(vec, ls.vec)
             )
-        updates = _stiefel_updates([entry for _, entry in pending], sharding)
-        for (i, _), upd in zip(pending, updates, strict=True):
-            new_u[i] = upd
+        _stiefel_updates(pending, new_u, sharding)
         count = optax.safe_increment(state.count)
         return jax.tree.unflatten(treedef, new_u), ManifoldStepState(count, tuple(new_s))
 
