@@ -120,8 +120,7 @@ def manifold_step(
         if solver != "online":
             phi, y, _ = m.solve(G, W, solver, Y=y, aux=Aux(v), config=cfg)
             return phi, y
-        theta = m.theta(W, Aux(v, None, u, vec)) if isinstance(m, SpectralSphere) else m.theta(W)
-        return _online_step(m, G, W, y, theta, cfg, ms_kwargs)
+        return _online_step(m, G, W, y, m.theta(W), cfg, ms_kwargs)
 
     def group_step(key, G, W, y, v, u, vec, lr):
         m = key[0]
@@ -134,6 +133,13 @@ def manifold_step(
             return new, y, v, u, vec, None, None
 
         def leaf_step(G, W, y, v, u, vec, lr):
+            if solver == "online" and isinstance(m, SpectralSphere):
+                # Θ = uvᵀ is never formed (SpectralSphere.online_retracted_step).
+                eta = m.dual_step_size(cfg)
+                msign_fn = _msign_fn(ms_kwargs)
+                aux = Aux(v, None, u, vec)
+                new, y, aux = m.online_retracted_step(G, W, y, aux, lr, eta, msign_fn, power_iters)
+                return new, y, aux.v, aux.u, aux.vec, None, None
             phi, y = direction(m, G, W, y, v, u, vec)
             V = W - lr * phi
             if isinstance(m, SpectralSphere):

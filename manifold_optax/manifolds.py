@@ -478,6 +478,35 @@ class SpectralSphere(Manifold):
             _, u, v = self._pair(W, aux)
         return u[..., :, None] * v[..., None, :]
 
+    def online_retracted_step(self, G, W, Y, aux: Aux, lr, eta, msign_fn, power_iters: int):
+        """One online step and the retraction, ``(r·V/‖V‖₂, Y − η₂·uᵀΦv, aux')`` with
+        ``Φ = msign(Ĝ + Y·uvᵀ)``, ``V = W − ηΦ`` (``Ĝ = G/RMS-σ(G)``, ``(u, v)`` the top pair
+        of ``W`` carried in ``aux``; a zero ``G`` steps nowhere and keeps ``Y``): the same
+        update as :func:`~manifold_optax.dual_ascent` followed by :meth:`retract`, with the
+        fewest passes over the matrices (manifold_step's path). ``Θ = uvᵀ`` is never formed:
+        the rank-one term is part of the msign input's elementwise expression and
+        ``⟨Θ, Φ⟩ = uᵀΦv`` is a matrix–vector product (a materialized ``Θ`` was an extra write
+        and two reads per matrix; measured in one process on 2 CPU cores, the step went from
+        1.264–1.323× to 1.253× ``muon``'s on the reference tree and from 1.192× to 1.153× on
+        the 2× wider one).
+        ``aux'``: the block iteration of :meth:`update_aux` on ``V`` (whose top pair is the new
+        ``W``'s: the retraction only rescales). ``W``, ``G``: ``[*b, rows, cols]`` float32."""
+        if aux.u is None or aux.vec is None:
+            _, u, v = self._pair(W, aux)
+        else:
+            u, v = aux.u, aux.vec
+        gg = jnp.sum(G * G, axis=(-2, -1))
+        zero = gg == 0
+        inv_scale = jnp.where(zero, 1.0, jax.lax.rsqrt(gg / min(G.shape[-2:])))
+        Phi = msign_fn(
+            G * inv_scale[..., None, None] + (Y[..., None] * u)[..., :, None] * v[..., None, :]
+        )
+        c = jnp.einsum("...i,...ij,...j->...", u, Phi, v, precision=HIGHEST)
+        lr = jnp.where(zero, 0.0, lr)  # a zero gradient: Φ = 0, without a pass over Φ
+        V = W - lr[..., None, None] * Phi
+        aux = self.update_aux(V, aux, power_iters)
+        return self.retract(V, aux), jnp.where(zero, Y, Y - eta * c), aux
+
     def norm2(self, W, aux=None):
         """``‖W‖₂``: exact (the largest eigenvalue of the short-side Gram, which is
         well-conditioned) when ``exact_norm``; else the Ritz value of the warm block."""

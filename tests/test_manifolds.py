@@ -243,6 +243,28 @@ def test_manifold_step_follows_a_learning_rate_schedule(rng):
     assert float(m.distance(W + u1)) < 1e-5
 
 
+@pytest.mark.parametrize("m", MANIFOLDS, ids=lambda m: type(m).__name__)
+def test_fused_step_with_zero_gradient_stays_and_keeps_the_multiplier(m, rng):
+    # The fused online steps fold the zero-gradient guard into the learning rate (no pass
+    # over Φ): a zero gradient must leave W where it is (to the retraction's round-off) and
+    # the multiplier bit-for-bit, while a nonzero gradient moves both.
+    W = _point(m, (48, 16), rng)
+    tx = mo.manifold_step(m, 0.1)
+    s = tx.init(W)
+    G = jnp.asarray(rng.standard_normal(W.shape), jnp.float32)
+    u, s = tx.update(G, s, W)  # a nonzero multiplier to keep
+    W = optax.apply_updates(W, u)
+    y = np.asarray(s.leaves[0].y)
+    assert float(np.max(np.abs(y))) > 0
+    u, s2 = tx.update(jnp.zeros_like(G), s, W)
+    np.testing.assert_array_equal(np.asarray(s2.leaves[0].y), y)
+    # 1e-6: a retraction of a point on the manifold moves it by float32 round-off only.
+    assert float(jnp.max(jnp.abs(u))) < 1e-6
+    u, s3 = tx.update(G, s, W)
+    assert float(jnp.max(jnp.abs(u))) > 1e-3
+    assert float(np.max(np.abs(np.asarray(s3.leaves[0].y) - y))) > 0
+
+
 def test_manifold_spec_forms_and_static_config(rng):
     params = {"w": jnp.asarray(rng.standard_normal((8, 4)), jnp.float32), "b": jnp.ones(4)}
     # A single manifold applies to matrices only; Sphere may be given to a vector explicitly.
