@@ -487,8 +487,8 @@ class SpectralSphere(Manifold):
         the rank-one term is part of the msign input's elementwise expression and
         ``⟨Θ, Φ⟩ = uᵀΦv`` is a matrix–vector product (a materialized ``Θ`` was an extra write
         and two reads per matrix; measured in one process on 2 CPU cores, the step went from
-        1.264–1.323× to 1.253× ``muon``'s on the reference tree and from 1.192× to 1.153× on
-        the 2× wider one).
+        1.264–1.323× to 1.253–1.254× ``muon``'s on the reference tree and from 1.192× to
+        1.153× on the 2× wider one).
         ``aux'``: the block iteration of :meth:`update_aux` on ``V`` (whose top pair is the new
         ``W``'s: the retraction only rescales). ``W``, ``G``: ``[*b, rows, cols]`` float32."""
         if aux.u is None or aux.vec is None:
