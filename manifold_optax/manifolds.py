@@ -103,6 +103,14 @@ def _quintic(A):
     return 1.875 * eye - 1.25 * A + 0.375 * _mm(A, A)
 
 
+def _inverse_gradient_scale(G):
+    """``(zero, 1/s)`` per matrix, ``s = ‖G‖_F/√min(rows, cols)`` the RMS singular value that
+    normalizes the dual step's gradient (``zero`` where ``G = 0``; then ``1/s`` is 1)."""
+    gg = jnp.sum(G * G, axis=(-2, -1))
+    zero = gg == 0
+    return zero, jnp.where(zero, 1.0, jax.lax.rsqrt(gg / min(G.shape[-2:])))
+
+
 def _fro_from_identity(A):
     """``‖A − I‖_F`` per matrix."""
     eye = jnp.eye(A.shape[-1], dtype=A.dtype)
@@ -399,9 +407,8 @@ class Sphere(Manifold):
         ``W``, ``G``: ``[*b, rows, cols]`` float32; ``Y``: ``[*b]``; ``msign_fn`` the msign
         to run."""
         ax = (-2, -1)
-        gg, ww = jnp.sum(G * G, axis=ax), jnp.sum(W * W, axis=ax)
-        zero = gg == 0
-        inv_scale = jnp.where(zero, 1.0, jax.lax.rsqrt(gg / min(G.shape[-2:])))
+        zero, inv_scale = _inverse_gradient_scale(G)
+        ww = jnp.sum(W * W, axis=ax)
         nw = jnp.sqrt(ww)
         inv_nw = jnp.where(nw > 0, 1.0 / jnp.where(nw > 0, nw, 1.0), 1.0)
         Phi = msign_fn(G * inv_scale[..., None, None] + (Y * inv_nw)[..., None, None] * W)
@@ -472,11 +479,15 @@ class SpectralSphere(Manifold):
         W = W.astype(jnp.float32)
         if aux is None:
             aux = self.update_aux(W, self.init_aux(W), 40)
-        if aux.u is not None and aux.vec is not None:
-            u, v = aux.u, aux.vec
-        else:
-            _, u, v = self._pair(W, aux)
+        u, v = self._top_vectors(W, aux)
         return u[..., :, None] * v[..., None, :]
+
+    def _top_vectors(self, W, aux):
+        """``(u₁, v₁)``: ``aux``'s top pair when it carries one, else a Rayleigh–Ritz step on
+        its block."""
+        if aux.u is not None and aux.vec is not None:
+            return aux.u, aux.vec
+        return self._pair(W, aux)[1:]
 
     def online_retracted_step(self, G, W, Y, aux: Aux, lr, eta, msign_fn, power_iters: int):
         """One online step and the retraction, ``(r·V/‖V‖₂, Y − η₂·uᵀΦv, aux')`` with
@@ -491,13 +502,8 @@ class SpectralSphere(Manifold):
         1.153× on the 2× wider one).
         ``aux'``: the block iteration of :meth:`update_aux` on ``V`` (whose top pair is the new
         ``W``'s: the retraction only rescales). ``W``, ``G``: ``[*b, rows, cols]`` float32."""
-        if aux.u is None or aux.vec is None:
-            _, u, v = self._pair(W, aux)
-        else:
-            u, v = aux.u, aux.vec
-        gg = jnp.sum(G * G, axis=(-2, -1))
-        zero = gg == 0
-        inv_scale = jnp.where(zero, 1.0, jax.lax.rsqrt(gg / min(G.shape[-2:])))
+        u, v = self._top_vectors(W, aux)
+        zero, inv_scale = _inverse_gradient_scale(G)
         Phi = msign_fn(
             G * inv_scale[..., None, None] + (Y[..., None] * u)[..., :, None] * v[..., None, :]
         )
