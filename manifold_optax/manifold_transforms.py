@@ -304,7 +304,14 @@ def dual_ascent(
                 return phi, y, v
 
             def leaf_step(G, W, y, v):
-                if solver == "online":
+                if solver == "online" and isinstance(m, SpectralSphere):
+                    # Θ = uvᵀ is never formed (SpectralSphere.online_dual_step).
+                    aux = m.update_aux(W, Aux(v), cfg.power_iters)
+                    eta = m.dual_step_size(cfg)
+                    phi, y, zero = m.online_dual_step(G, W, y, aux, eta, _msign_fn(ms_kwargs))
+                    # A zero gradient has no steepest direction: step nowhere.
+                    phi = jnp.where(zero[..., None, None], 0.0, phi)
+                elif solver == "online":
                     aux = m.update_aux(W, Aux(v), cfg.power_iters)
                     phi, y = _online_step(m, G, W, y, m.theta(W, aux), cfg, ms_kwargs)
                 else:

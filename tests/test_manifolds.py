@@ -265,6 +265,42 @@ def test_fused_step_with_zero_gradient_stays_and_keeps_the_multiplier(m, rng):
     assert float(np.max(np.abs(np.asarray(s3.leaves[0].y) - y))) > 0
 
 
+@pytest.mark.parametrize("shape", [(40, 16), (16, 40), (3, 24, 24)])
+def test_spectral_sphere_rank_one_dual_step_matches_the_materialized_theta(shape, rng):
+    # The online dual step of the spectral sphere never forms Θ = uvᵀ (the rank-one term is
+    # inside the msign input, ⟨Θ, Φ⟩ = uᵀΦv). It must be the generic dual step with Θ formed:
+    # the same msign input up to round-off, so Φ and Y agree to 1e-5 (float32 products over
+    # ≤ 40-long sums, through a 5-step msign whose Lipschitz constant is a few units).
+    m = mo.SpectralSphere(2.0)
+    W = _point(m, shape, rng)
+    aux = m.update_aux(W, m.init_aux(W), 40)
+    G = jnp.asarray(rng.standard_normal(shape), jnp.float32)
+    Gn = G / jnp.sqrt(jnp.sum(G * G, axis=(-2, -1), keepdims=True) / min(shape[-2:]))
+    Y = jnp.asarray(rng.uniform(-1.0, 1.0, shape[:-2]), jnp.float32)
+    phi, y, zero = m.online_dual_step(G, W, Y, aux, 0.5, mo.msign)
+    phi_ref, y_ref = mo.Manifold.dual_step(m, Gn, W, Y, m.theta(W, aux), 0.5, mo.msign)
+    assert not bool(jnp.any(zero))
+    np.testing.assert_allclose(phi, phi_ref, atol=1e-5)
+    np.testing.assert_allclose(y, y_ref, atol=1e-5)
+    assert float(jnp.max(jnp.abs(y - Y))) > 1e-3  # the multiplier moved: a real dual step
+
+
+@pytest.mark.parametrize("m", MANIFOLDS, ids=lambda m: type(m).__name__)
+def test_online_direction_of_a_zero_gradient_is_zero_and_keeps_the_multiplier(m, rng):
+    # dual_ascent's online step: a zero gradient has no steepest direction (Φ = 0, not the
+    # msign of the multiplier term alone) and must not move the multiplier.
+    W = _point(m, (48, 16), rng)
+    tx = mo.dual_ascent(m, "online")
+    s = tx.init(W)
+    G = jnp.asarray(rng.standard_normal(W.shape), jnp.float32)
+    _, s = tx.update(G, s, W)  # a nonzero multiplier to keep
+    y = np.asarray(s.leaves[0].y)
+    assert float(np.max(np.abs(y))) > 0
+    phi, s2 = tx.update(jnp.zeros_like(G), s, W)
+    assert float(jnp.max(jnp.abs(phi))) == 0.0
+    np.testing.assert_array_equal(np.asarray(s2.leaves[0].y), y)
+
+
 def test_manifold_spec_forms_and_static_config(rng):
     params = {"w": jnp.asarray(rng.standard_normal((8, 4)), jnp.float32), "b": jnp.ones(4)}
     # A single manifold applies to matrices only; Sphere may be given to a vector explicitly.
