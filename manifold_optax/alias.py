@@ -209,6 +209,7 @@ def manifold_muon(
     inner_steps: int = 20,
     ns_steps: int | None = None,
     ns_coeffs="polar_express",
+    compute_dtype=None,
     exact_config=None,
     init_tolerance: float | None = DEFAULT_INIT_TOLERANCE,
     mu_dtype=None,
@@ -235,8 +236,9 @@ def manifold_muon(
         ``Manifold | None``, or a callable ``params → such a tree``.
       solver: ``"online"`` (default: one dual step per training step, the multiplier in the
         state — one msign per step), ``"dual_ascent"``, ``"exact"`` or ``"fixed_point"``.
-      dual_learning_rate, inner_steps, ns_steps, ns_coeffs, exact_config, init_tolerance,
-        sharding, group: see :func:`dual_ascent`.
+      dual_learning_rate, inner_steps, ns_steps, ns_coeffs, compute_dtype, exact_config,
+        init_tolerance, sharding, group: see :func:`dual_ascent` (``compute_dtype`` also
+        applies to the ``fallback="muon"`` matrices).
 
     The explicit chain ``optax.chain(momentum(beta), dual_ascent(manifold, solver),
     optax.scale_by_learning_rate(learning_rate), retract(manifold))`` computes the same update
@@ -260,6 +262,7 @@ def manifold_muon(
             inner_steps=inner_steps,
             ns_steps=ns_steps,
             ns_coeffs=ns_coeffs,
+            compute_dtype=compute_dtype,
             exact_config=exact_config,
             init_tolerance=init_tolerance,
             sharding=sharding,
@@ -281,6 +284,7 @@ def manifold_muon(
             learning_rate,
             ns_steps=ns_steps,
             ns_coeffs=ns_coeffs,
+            compute_dtype=compute_dtype,
             beta=beta,
             nesterov=nesterov,
             weight_decay=muon_weight_decay,

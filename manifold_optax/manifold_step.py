@@ -79,6 +79,7 @@ def manifold_step(
     inner_steps: int = 20,
     ns_steps: int | None = None,
     ns_coeffs="polar_express",
+    compute_dtype=None,
     exact_config: SolverConfig | None = None,
     power_iters: int = 6,
     init_tolerance: float | None = DEFAULT_INIT_TOLERANCE,
@@ -94,8 +95,8 @@ def manifold_step(
     Args:
       manifold: a Manifold, a tree prefix of ``Manifold | None``, or a callable returning one.
       learning_rate: η, a float or an optax schedule of the step count.
-      solver, dual_learning_rate, inner_steps, ns_steps, ns_coeffs, exact_config,
-        init_tolerance, sharding, group: as in :func:`~manifold_optax.dual_ascent`.
+      solver, dual_learning_rate, inner_steps, ns_steps, ns_coeffs, compute_dtype,
+        exact_config, init_tolerance, sharding, group: as in :func:`~manifold_optax.dual_ascent`.
       power_iters: the degree of the spectral sphere retraction's warm Chebyshev-filtered
         block iteration (as in :func:`~manifold_optax.retract`; each degree is an ``s×s``
         by ``s×p`` product with the Gram). Measured on the digits demo, the worst
@@ -103,7 +104,7 @@ def manifold_step(
         default); plain power iteration left 4e-5 with 6 and 8e-6 with 10.
     """
     cfg = _solver_config(solver, exact_config, inner_steps, dual_learning_rate)
-    ms_kwargs = dict(steps=ns_steps, coeffs=ns_coeffs)
+    ms_kwargs = dict(steps=ns_steps, coeffs=ns_coeffs, compute_dtype=compute_dtype)
 
     def init_fn(params):
         out = []

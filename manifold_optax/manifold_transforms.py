@@ -241,6 +241,7 @@ def dual_ascent(
     inner_steps: int = 20,
     ns_steps: int | None = None,
     ns_coeffs="polar_express",
+    compute_dtype=None,
     exact_config: SolverConfig | None = None,
     init_tolerance: float | None = DEFAULT_INIT_TOLERANCE,
     sharding=None,
@@ -264,6 +265,12 @@ def dual_ascent(
       inner_steps: dual steps per call for ``"dual_ascent"``.
       ns_steps, ns_coeffs: the msign of the online / dual-ascent directions (default 5 Polar
         Express steps, as ``muon``).
+      compute_dtype: dtype of the online solver's msign matmuls (e.g. ``jnp.bfloat16``, as in
+        :func:`~manifold_optax.muon`: coefficients, normalization and accumulation stay
+        float32); ``None`` computes in float32. The multiplier update, the tangent projection
+        and the retraction always run in float32, so parameters stay on their manifolds to
+        float32 accuracy. The iterative solvers (``"dual_ascent"``, ``"exact"``,
+        ``"fixed_point"``) keep float32: accuracy is what they are for.
       exact_config: options of the exact solvers.
       init_tolerance: ``init`` raises if a concrete parameter is farther than this (relative;
         at least 4× the dtype's epsilon, so bfloat16 parameters get ~0.03) from its manifold;
@@ -274,7 +281,7 @@ def dual_ascent(
         agree with one leaf at a time to float32 round-off.
     """
     cfg = _solver_config(solver, exact_config, inner_steps, dual_learning_rate)
-    ms_kwargs = dict(steps=ns_steps, coeffs=ns_coeffs)
+    ms_kwargs = dict(steps=ns_steps, coeffs=ns_coeffs, compute_dtype=compute_dtype)
 
     def init_fn(params):
         leaves = _initial_leaves(manifold, params, init_tolerance, cfg.power_iters)
