@@ -3,12 +3,12 @@
 Run: ``python benchmarks/msign_bench.py [--quick] [--dtype float32|bfloat16] [--shapes 4096x4096,…]
 [--no-svd] [--out PATH]``. Prints two markdown tables and writes ``benchmarks/results/msign.json``.
 
-``--dtype bfloat16`` times bfloat16 inputs against a bfloat16 matmul of the same FLOPs (so
-``ours/roofline`` is the fraction of the device's bfloat16 matmul rate, with float32
-accumulation as msign's products have; issue 6 asks for it at
-4096×4096 on a GPU: ``--dtype bfloat16 --shapes 4096x4096``), and the accuracy table runs the
-products in bfloat16 (``compute_dtype``; coefficients, normalization and accumulation stay
-float32), measuring σ of the result in float64.
+``--dtype bfloat16`` times bfloat16 inputs against a bfloat16 matmul of the same FLOPs with
+float32 accumulation, as msign's own products have (so ``ours/roofline`` is the fraction of the
+device's bfloat16 matmul rate; issue 6 asks for it at 4096×4096 on a GPU: ``--dtype bfloat16
+--shapes 4096x4096 --no-svd``), and the accuracy table runs the products in bfloat16
+(``compute_dtype``; coefficients, normalization and accumulation stay float32), measuring the
+σ of the result in float64.
 
 Roofline: a plain batched matmul ``[k, m, n] @ [k, n, m]`` whose FLOP count equals the
 Newton–Schulz FLOPs ``steps·(4m²n + 2m³)`` is timed in the same process; the fraction of the
