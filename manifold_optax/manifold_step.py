@@ -116,7 +116,7 @@ def manifold_step(
                 out.append(StepLeafState(y, aux.v, aux.u, aux.vec))
         return ManifoldStepState(jnp.zeros([], jnp.int32), tuple(out))
 
-    def direction(m, G, W, y, v, u, vec):
+    def direction(m, G, W, y, v):
         """``(Φ, Y)`` at ``W`` (whole matrices)."""
         if solver != "online":
             phi, y, _ = m.solve(G, W, solver, Y=y, aux=Aux(v), config=cfg)
@@ -141,7 +141,7 @@ def manifold_step(
                 aux = Aux(v, None, u, vec)
                 new, y, aux = m.online_retracted_step(G, W, y, aux, lr, eta, msign_fn, power_iters)
                 return new, y, aux.v, aux.u, aux.vec, None, None
-            phi, y = direction(m, G, W, y, v, u, vec)
+            phi, y = direction(m, G, W, y, v)
             V = W - lr * phi
             if isinstance(m, SpectralSphere):
                 aux = m.update_aux(V, Aux(v), power_iters)

@@ -27,6 +27,7 @@ from manifold_optax.manifolds import (
     SpectralSphere,
     Sphere,
     Stiefel,
+    _inverse_gradient_scale,
 )
 from manifold_optax.sharding import replicate, run_replicated
 from manifold_optax.transforms import leaf_specs
@@ -311,16 +312,16 @@ def dual_ascent(
                 return phi, y, v
 
             def leaf_step(G, W, y, v):
-                if solver == "online" and isinstance(m, SpectralSphere):
-                    # Θ = uvᵀ is never formed (SpectralSphere.online_dual_step).
+                if solver == "online":
                     aux = m.update_aux(W, Aux(v), cfg.power_iters)
-                    eta = m.dual_step_size(cfg)
-                    phi, y, zero = m.online_dual_step(G, W, y, aux, eta, _msign_fn(ms_kwargs))
-                    # A zero gradient has no steepest direction: step nowhere.
-                    phi = jnp.where(zero[..., None, None], 0.0, phi)
-                elif solver == "online":
-                    aux = m.update_aux(W, Aux(v), cfg.power_iters)
-                    phi, y = _online_step(m, G, W, y, m.theta(W, aux), cfg, ms_kwargs)
+                    if isinstance(m, SpectralSphere):
+                        # Θ = uvᵀ is never formed (SpectralSphere.online_dual_step).
+                        eta = m.dual_step_size(cfg)
+                        phi, y, zero = m.online_dual_step(G, W, y, aux, eta, _msign_fn(ms_kwargs))
+                        # A zero gradient has no steepest direction: step nowhere.
+                        phi = jnp.where(zero[..., None, None], 0.0, phi)
+                    else:
+                        phi, y = _online_step(m, G, W, y, m.theta(W, aux), cfg, ms_kwargs)
                 else:
                     phi, y, aux = m.solve(G, W, solver, Y=y, aux=Aux(v), config=cfg)
                 return phi, y, aux.v
@@ -361,12 +362,11 @@ def _online_step(m: Manifold, G, W, Y, theta, cfg: SolverConfig, ms_kwargs, shar
     ``Ĝ + C*(Y)`` is formed where the parameter lives (elementwise), gathered once for the
     msign, and the residual is a local product plus a scalar all-reduce. Returns ``(Φ, Y)``.
     """
-    scale = jnp.sqrt(jnp.sum(G * G, axis=(-2, -1)) / min(G.shape[-2:]))
-    Gn = G / jnp.where(scale > 0, scale, 1.0)[..., None, None]
+    zero, inv_scale = _inverse_gradient_scale(G)  # zero: [*batch]
+    Gn = G * inv_scale[..., None, None]
     eta = m.dual_step_size(cfg)
     phi, y = m.dual_step(Gn, W, Y, theta, eta, _msign_fn(ms_kwargs, sharding))
     # A zero gradient has no steepest direction: step nowhere, keep the multiplier.
-    zero = scale == 0  # [*batch]
     phi = jnp.where(zero[..., None, None], 0.0, phi)
     if Y is not None:  # (square Stiefel's closed form needs no multiplier in)
         y = jnp.where(zero.reshape(zero.shape + (1,) * (y.ndim - zero.ndim)), Y, y)
