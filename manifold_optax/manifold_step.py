@@ -28,6 +28,7 @@ import optax
 
 from manifold_optax.manifold_transforms import (
     DEFAULT_INIT_TOLERANCE,
+    PendingPolish,
     _empty,
     _initial_leaves,
     _matrix_items,
@@ -123,6 +124,8 @@ def manifold_step(
             return phi, y
         return _online_step(m, G, W, y, m.theta(W), cfg, ms_kwargs)
 
+    no_plan = (None,) * 4  # (A, 1/c, cubic_ok, quintic_ok) of a Stiefel leaf's polish
+
     def group_step(key, G, W, y, v, u, vec, lr):
         m = key[0]
         if solver == "online" and isinstance(m, Sphere):
@@ -131,7 +134,7 @@ def manifold_step(
             # gathered, and the reductions become scalar all-reduces.
             eta = m.dual_step_size(cfg)
             new, y = m.online_retracted_step(G, W, y, lr, eta, _msign_fn(ms_kwargs, sharding))
-            return new, y, v, u, vec, None, None
+            return new, y, v, u, vec, *no_plan
 
         def leaf_step(G, W, y, v, u, vec, lr):
             if solver == "online" and isinstance(m, SpectralSphere):
@@ -140,18 +143,17 @@ def manifold_step(
                 msign_fn = _msign_fn(ms_kwargs)
                 aux = Aux(v, None, u, vec)
                 new, y, aux = m.online_retracted_step(G, W, y, aux, lr, eta, msign_fn, power_iters)
-                return new, y, aux.v, aux.u, aux.vec, None, None
+                return new, y, aux.v, aux.u, aux.vec, *no_plan
             phi, y = direction(m, G, W, y, v)
             V = W - lr * phi
             if isinstance(m, SpectralSphere):
                 aux = m.update_aux(V, Aux(v), power_iters)
-                return m.retract(V, aux), y, aux.v, aux.u, aux.vec, None, None
+                return m.retract(V, aux), y, aux.v, aux.u, aux.vec, *no_plan
             if isinstance(m, Stiefel):
-                # One quintic polish step here; the fallback for matrices it leaves short of
-                # float32 accuracy runs under one conditional for all (_stiefel_updates).
-                X, ok = m.polish_once(V)
-                return X, y, v, u, vec, ok, V
-            return m.retract(V), y, v, u, vec, None, None
+                # The polish step's Gram here; the step itself runs under one conditional
+                # for all leaves (_stiefel_updates).
+                return V, y, v, u, vec, *m.polish_plan(V)
+            return m.retract(V), y, v, u, vec, *no_plan
 
         # Gather once, then the dual step and the retraction on whole matrices on every
         # device (see dual_ascent; the retraction reuses the gathered W).
@@ -177,20 +179,21 @@ def manifold_step(
         def fn(key, *arrays):
             return group_step(key, *arrays, lr)
 
+        grouped = group_default(group)
         new_u, new_s, pending = list(g_leaves), list(state.leaves), []
-        for i, (new, y, v, u, vec, ok, V) in zip(
-            where, run_grouped(fn, items, group_default(group)), strict=True
+        for i, (new, y, v, u, vec, *plan) in zip(
+            where, run_grouped(fn, items, grouped), strict=True
         ):
             w, ls = w_leaves[i], state.leaves[i]
-            if ok is not None:  # Stiefel: finished below, under one conditional for all
-                pending.append((i, manifolds[i], new, V, ok, w, g_leaves[i].dtype))
+            if plan[0] is not None:  # Stiefel: polished below, under one conditional for all
+                pending.append(PendingPolish(i, manifolds[i], new, *plan, w, g_leaves[i].dtype))
             else:
                 new_u[i] = _update_to(new, w, g_leaves[i].dtype)
             shaped = lambda a, like: None if a is None else a.reshape(like.shape)
             new_s[i] = StepLeafState(
                 shaped(y, ls.y), shaped(v, ls.v), shaped(u, ls.u), shaped(vec, ls.vec)
             )
-        _stiefel_updates(pending, new_u, sharding)
+        _stiefel_updates(pending, new_u, sharding, grouped)
         count = optax.safe_increment(state.count)
         return jax.tree.unflatten(treedef, new_u), ManifoldStepState(count, tuple(new_s))
 

@@ -211,7 +211,8 @@ def test_stiefel_step_falls_back_only_where_one_polish_step_falls_short(transfor
     direction = mo.dual_ascent(m, "online")
     phi, _ = direction.update(grads, direction.init(params), params)
     V = {k: params[k] - lr * phi[k] for k in params}
-    assert not bool(m.polish_once(V["big"])[1]) and bool(m.polish_once(V["still"])[1])
+    big, still = m.polish_plan(V["big"]), m.polish_plan(V["still"])
+    assert not bool(big[2]) and not bool(big[3]) and bool(still[2]) and bool(still[3])
     if transform == "manifold_step":
         tx = mo.manifold_step(m, lr)
     else:
@@ -225,6 +226,75 @@ def test_stiefel_step_falls_back_only_where_one_polish_step_falls_short(transfor
     np.testing.assert_allclose(new["big"], u @ vt, atol=2e-5)
     for k in new:
         assert float(m.distance(new[k])) < 2e-6, k
+
+
+def _near_orthonormal(shape, e, rank, rng):
+    """``Q·(I + E)`` (tall view) with ``Q`` orthonormal and ``E`` symmetric of the given rank
+    with eigenvalues ±e: its normalized Gram deviates from I by about ``2e`` in spectral norm
+    and ``2e·√rank`` in Frobenius norm."""
+    n, m = max(shape), min(shape)
+    Q, _ = np.linalg.qr(rng.standard_normal((n, m)))
+    U, _ = np.linalg.qr(rng.standard_normal((m, rank)))
+    E = (U * (e * np.sign(rng.standard_normal(rank)))) @ U.T
+    V = Q @ (np.eye(m) + E)
+    return jnp.asarray(V if shape[0] >= shape[1] else V.T, jnp.float32)
+
+
+@pytest.mark.parametrize("structure", ["rank_one", "full"])
+def test_cubic_polish_certificate_bounds_its_truncation(structure, rng):
+    # One cubic step X = V·(3I − A)/(2c) leaves XᵀX − I = −¾D² + ¼D³ (D = A − I). The
+    # certificate must accept it only when that is within CUBIC_POLISH_TOLERANCE in spectral
+    # norm (checked in float64), and must accept the small deviations of a training step. A
+    # rank-one D is the case a Frobenius- or entry-based bound divided by √m would miss.
+    from manifold_optax.manifolds import CUBIC_POLISH_TOLERANCE, _polish_certificates
+
+    m = 32
+    accepted = []
+    for e in [1e-5, 1e-4, 3e-4, 6e-4, 1e-3, 2e-3, 4e-3]:
+        U, _ = np.linalg.qr(rng.standard_normal((m, m)))
+        lam = np.zeros(m)
+        if structure == "rank_one":
+            lam[0] = e
+        else:
+            lam = e * np.sign(rng.standard_normal(m)) * rng.uniform(0.5, 1.0, m)
+        A = np.eye(m) + (U * lam) @ U.T
+        A = A * m / np.trace(A)  # normalized as polish_plan does (mean eigenvalue 1)
+        D = A - np.eye(m)
+        truncation = np.linalg.norm(
+            A @ (1.5 * np.eye(m) - 0.5 * A) @ (1.5 * np.eye(m) - 0.5 * A) - np.eye(m), 2
+        )
+        cubic_ok, _ = _polish_certificates(jnp.asarray(A, jnp.float32))
+        if bool(cubic_ok):
+            accepted.append(e)
+            # 1.01: the certificate is computed from the float32 Gram (rounding ~1e-7 of D).
+            assert truncation <= 1.01 * CUBIC_POLISH_TOLERANCE, (e, truncation)
+        assert bool(cubic_ok) or 0.75 * np.linalg.norm(D, 2) ** 2 > 1e-7, e
+    assert 1e-5 in accepted and 3e-4 in accepted  # not vacuous: small deviations pass
+    assert 4e-3 not in accepted
+
+
+def test_stiefel_polish_takes_the_cubic_only_where_it_is_certified(rng):
+    # The training retraction polishes every Stiefel matrix with one step: the cubic when it is
+    # certified for all of them, else the quintic (its A² costs an m×m×m product), else the full
+    # retraction. "small" (deviation 2e-4) certifies the cubic; "medium" (2e-3, rank one) only
+    # the quintic, where one cubic step would leave an error of ~1e-5, so the step must take
+    # the quintic for every matrix. Each result must be the float64 polar factor of V to 1e-6.
+    m = mo.Stiefel()
+    shapes = {"tall": (48, 24), "wide": (24, 40), "square": (32, 32)}
+    small = {k: _near_orthonormal(s, 1e-4, 24, rng) for k, s in shapes.items()}
+    medium = dict(small, tall=_near_orthonormal(shapes["tall"], 1e-3, 1, rng))
+    plans = {k: m.polish_plan(V) for k, V in medium.items()}
+    assert all(bool(p[2]) for k, p in plans.items() if k != "tall")
+    assert not bool(plans["tall"][2]) and bool(plans["tall"][3])
+    for Vs in (small, medium):
+        W = mo.project_params(Vs, m)
+        u, _ = jax.jit(mo.retract(m).update)(
+            jax.tree.map(jnp.subtract, Vs, W), mo.retract(m).init(W), W
+        )
+        new = optax.apply_updates(W, u)
+        for k, V in Vs.items():
+            a, _, b = np.linalg.svd(np.asarray(V, np.float64), full_matrices=False)
+            np.testing.assert_allclose(new[k], a @ b, atol=1e-6, err_msg=k)
 
 
 def test_online_square_stiefel_is_exactly_tangent_from_the_first_step(rng):
