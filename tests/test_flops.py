@@ -50,3 +50,24 @@ def test_msign_flops_match_the_documented_formulas(shape):
     assert standard.flops == mo.newton_schulz_flops(shape, 5)
     assert gram.flops == k * (8 * m * m * n + 28 * m**3)
     assert standard.while_loops == gram.while_loops == 0
+
+
+@pytest.mark.parametrize("shape", [(64, 64), (256, 64), (64, 256)])
+def test_stiefel_step_adds_the_documented_products_to_muon(shape):
+    """manifold_muon's Stiefel step on a point of the manifold: ``muon``'s msign plus, per
+    square matrix, ``GWᵀ``, ``K·W``, ``VVᵀ`` and ``p(A)·V`` (8m³), per n×m one ``W·Y``,
+    ``WᵀΦ``, ``W·c``, ``VᵀV`` and ``V·p(A)`` (10nm²); the polish's counted path is the cubic
+    (its factor has no product), which a step at a small learning rate takes. A product
+    outside the conditional (e.g. the quintic's A²) would add 2m³."""
+    W = mo.project_params(jax.random.normal(jax.random.PRNGKey(0), shape), mo.Stiefel())
+    G = jax.random.normal(jax.random.PRNGKey(1), shape)
+    counts = {}
+    for name, tx in {
+        "muon": mo.muon(0.02),
+        "stiefel": mo.manifold_muon(0.02, mo.Stiefel()),
+    }.items():
+        s = tx.init(W)
+        counts[name] = matmul_flops(lambda g, s, p, tx=tx: tx.update(g, s, p), G, s, W).flops
+    m, n = min(shape), max(shape)
+    extra = 8 * m**3 if m == n else 10 * n * m * m
+    assert counts["stiefel"] - counts["muon"] == extra
