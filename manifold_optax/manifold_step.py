@@ -150,8 +150,8 @@ def manifold_step(
                 aux = m.update_aux(V, Aux(v), power_iters)
                 return m.retract(V, aux), y, aux.v, aux.u, aux.vec, *no_plan
             if isinstance(m, Stiefel):
-                # The polish step's Gram here; the step itself runs under one conditional
-                # for all leaves (_stiefel_updates).
+                # The polish step's Gram here; the step itself, with one choice of p(A) for
+                # all leaves, in _stiefel_updates.
                 return V, y, v, u, vec, *m.polish_plan(V)
             return m.retract(V), y, v, u, vec, *no_plan
 
@@ -185,7 +185,7 @@ def manifold_step(
             where, run_grouped(fn, items, grouped), strict=True
         ):
             w, ls = w_leaves[i], state.leaves[i]
-            if plan[0] is not None:  # Stiefel: polished below, under one conditional for all
+            if plan[0] is not None:  # Stiefel: polished below, all leaves together
                 pending.append(PendingPolish(i, manifolds[i], new, *plan, w, g_leaves[i].dtype))
             else:
                 new_u[i] = _update_to(new, w, g_leaves[i].dtype)

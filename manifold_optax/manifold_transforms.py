@@ -437,7 +437,9 @@ def _stiefel_updates(
         return news
 
     arrays = [(X, p.V) for X, p in zip(xs, pending, strict=True)]
-    news = jax.lax.cond(quintic_all, lambda a: [X for X, _ in a], fallback, arrays)
+    # (The fallback runs only when the quintic was taken: under the cubic every matrix is ok.)
+    ok_all = cubic_all | quintic_all
+    news = jax.lax.cond(ok_all, lambda a: [X for X, _ in a], fallback, arrays)
     for X, p in zip(news, pending, strict=True):
         out[p.index] = _update_to(X, p.param, p.dtype)
 
@@ -510,7 +512,7 @@ def retract(
             where, run_grouped(group_retract, items, grouped), strict=True
         ):
             w, u = w_leaves[i], u_leaves[i]
-            if plan[0] is not None:  # Stiefel: polished below, under one conditional for all
+            if plan[0] is not None:  # Stiefel: polished below, all leaves together
                 pending.append(PendingPolish(i, manifolds[i], new, *plan, w, u.dtype))
             else:
                 out[i] = _update_to(new, w, u.dtype)
