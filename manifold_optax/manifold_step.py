@@ -28,6 +28,7 @@ import optax
 
 from manifold_optax.manifold_transforms import (
     DEFAULT_INIT_TOLERANCE,
+    NO_PLAN,
     PendingPolish,
     _empty,
     _initial_leaves,
@@ -124,8 +125,6 @@ def manifold_step(
             return phi, y
         return _online_step(m, G, W, y, m.theta(W), cfg, ms_kwargs)
 
-    no_plan = (None,) * 4  # (A, 1/c, cubic_ok, quintic_ok) of a Stiefel leaf's polish
-
     def group_step(key, G, W, y, v, u, vec, lr):
         m = key[0]
         if solver == "online" and isinstance(m, Sphere):
@@ -134,7 +133,7 @@ def manifold_step(
             # gathered, and the reductions become scalar all-reduces.
             eta = m.dual_step_size(cfg)
             new, y = m.online_retracted_step(G, W, y, lr, eta, _msign_fn(ms_kwargs, sharding))
-            return new, y, v, u, vec, *no_plan
+            return new, y, v, u, vec, *NO_PLAN
 
         def leaf_step(G, W, y, v, u, vec, lr):
             if solver == "online" and isinstance(m, SpectralSphere):
@@ -143,17 +142,17 @@ def manifold_step(
                 msign_fn = _msign_fn(ms_kwargs)
                 aux = Aux(v, None, u, vec)
                 new, y, aux = m.online_retracted_step(G, W, y, aux, lr, eta, msign_fn, power_iters)
-                return new, y, aux.v, aux.u, aux.vec, *no_plan
+                return new, y, aux.v, aux.u, aux.vec, *NO_PLAN
             phi, y = direction(m, G, W, y, v)
             V = W - lr * phi
             if isinstance(m, SpectralSphere):
                 aux = m.update_aux(V, Aux(v), power_iters)
-                return m.retract(V, aux), y, aux.v, aux.u, aux.vec, *no_plan
+                return m.retract(V, aux), y, aux.v, aux.u, aux.vec, *NO_PLAN
             if isinstance(m, Stiefel):
                 # The polish step's Gram here; the step itself, with one choice of p(A) for
                 # all leaves, in _stiefel_updates.
                 return V, y, v, u, vec, *m.polish_plan(V)
-            return m.retract(V), y, v, u, vec, *no_plan
+            return m.retract(V), y, v, u, vec, *NO_PLAN
 
         # Gather once, then the dual step and the retraction on whole matrices on every
         # device (see dual_ascent; the retraction reuses the gathered W).

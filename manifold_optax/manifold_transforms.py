@@ -382,6 +382,11 @@ def _update_to(new, w, dtype):
     return (new.reshape(w.shape).astype(w.dtype) - w).astype(dtype)
 
 
+#: The polish plan (``Stiefel.polish_plan``'s ``A, 1/c, cubic_ok, quintic_ok``) of a leaf
+#: that is not a Stiefel leaf.
+NO_PLAN = (None,) * 4
+
+
 class PendingPolish(NamedTuple):
     """A Stiefel leaf waiting for its retraction's polish step (:func:`_stiefel_updates`)."""
 
@@ -491,20 +496,19 @@ def retract(
             m = key[0]
             if isinstance(m, Sphere):
                 # A norm and a rescale: stays sharded (one scalar all-reduce).
-                return m.retract(V), v, None, None, None, None
+                return m.retract(V), v, *NO_PLAN
 
             def leaf_retract(V, v):
                 if isinstance(m, SpectralSphere):
                     aux = m.update_aux(V, Aux(v), power_iters)
-                    return m.retract(V, aux), aux.v, None
+                    return m.retract(V, aux), aux.v, *NO_PLAN
                 if isinstance(m, Stiefel):
-                    return V, v, m.polish_plan(V)
-                return m.retract(V), v, None
+                    return V, v, *m.polish_plan(V)
+                return m.retract(V), v, *NO_PLAN
 
             # Block power iteration / the polar polish's Gram on whole matrices (see
             # dual_ascent).
-            new, v, plan = run_replicated(leaf_retract, sharding, V, v)
-            return (new, v, *(plan or (None,) * 4))
+            return run_replicated(leaf_retract, sharding, V, v)
 
         grouped = group_default(group)
         out, vs, pending = list(u_leaves), list(state.v), []

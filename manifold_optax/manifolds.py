@@ -131,9 +131,8 @@ def _polish_certificates(A):
     ``D`` is symmetric), elementwise work on the m×m Gram. ``cubic_ok``: the cubic's bound is
     within :data:`CUBIC_POLISH_TOLERANCE`; ``quintic_ok``: ``‖D‖_F ≤``
     :data:`QUINTIC_POLISH_TOLERANCE`."""
-    D = A - jnp.eye(A.shape[-1], dtype=A.dtype)
-    fro = jnp.sqrt(jnp.sum(D * D, axis=(-2, -1)))
-    e = jnp.minimum(fro, jnp.max(jnp.sum(jnp.abs(D), axis=-1), axis=-1))
+    fro = _fro_from_identity(A)
+    e = jnp.minimum(fro, _row_sum_from_identity(A))
     cubic_ok = 0.75 * e * e * (1.0 + e / 3.0) <= CUBIC_POLISH_TOLERANCE
     return cubic_ok, fro <= QUINTIC_POLISH_TOLERANCE
 
@@ -150,6 +149,13 @@ def _fro_from_identity(A):
     """``‖A − I‖_F`` per matrix."""
     eye = jnp.eye(A.shape[-1], dtype=A.dtype)
     return jnp.sqrt(jnp.sum((A - eye) ** 2, axis=(-2, -1)))
+
+
+def _row_sum_from_identity(A):
+    """The largest row sum of ``|A − I|`` per matrix: a bound on ``‖A − I‖₂`` for symmetric
+    ``A`` (Gershgorin)."""
+    eye = jnp.eye(A.shape[-1], dtype=A.dtype)
+    return jnp.max(jnp.sum(jnp.abs(A - eye), axis=-1), axis=-1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -742,7 +748,7 @@ class Stiefel(Manifold):
             # inside the quintic's basin. Otherwise (never-projected parameters) go exact.
             # (One switch for both decisions: a cond in front of it returned V through an
             # identity branch, which XLA:CPU copied, a pass over every V.)
-            far = jnp.max(jnp.sum(jnp.abs(A - eye), axis=-1)) > 0.8
+            far = jnp.max(_row_sum_from_identity(A)) > 0.8
         cubic_ok, quintic_ok = _polish_certificates(A)
         branch = jnp.where(
             far, 3, jnp.where(jnp.all(cubic_ok), 0, jnp.where(jnp.all(quintic_ok), 1, 2))
