@@ -337,6 +337,15 @@ def top_singular_pair(x: jax.Array, v0: jax.Array | None = None, iters: int = 30
     return sigma, u, v
 
 
+def _unroll_fixed_loops() -> bool:
+    """Whether the short fixed-count loops of the warm top-singular-value path are unrolled:
+    off CPU, where XLA runs a while loop by reading its predicate back to the host every
+    iteration (a stall per iteration, ~30 per matrix shape and step in the spectral-sphere
+    retraction). XLA:CPU runs the loop body at no such cost, and unrolling only lengthens its
+    compile."""
+    return jax.default_backend() != "cpu"
+
+
 def _chebyshev_filter(apply, V, degree: int, col_norms):
     """``T_k(t(A))·V`` with ``t(λ) = 2λ/b − 1`` (degree ``k``, ``apply(V) = A·V``, ``A``
     positive semidefinite): the Chebyshev polynomial that stays within ±1 on ``[0, b]`` and
@@ -359,7 +368,7 @@ def _chebyshev_filter(apply, V, degree: int, col_norms):
         n = col_norms(nxt)
         return cur / n, nxt / n
 
-    return jax.lax.fori_loop(0, degree - 1, step, (prev, cur))[1]
+    return jax.lax.fori_loop(0, degree - 1, step, (prev, cur), unroll=_unroll_fixed_loops())[1]
 
 
 def _top_eigvec_psd(H, squarings: int):
@@ -378,7 +387,11 @@ def _top_eigvec_psd(H, squarings: int):
         return A / jnp.where(t > 0, t, 1.0)
 
     A = jax.lax.fori_loop(
-        0, squarings, lambda _, A: normalized(jnp.matmul(A, A, precision=hp)), normalized(H)
+        0,
+        squarings,
+        lambda _, A: normalized(jnp.matmul(A, A, precision=hp)),
+        normalized(H),
+        unroll=_unroll_fixed_loops(),
     )
     j = jnp.argmax(jnp.diagonal(A, axis1=-2, axis2=-1), axis=-1)
     c = jnp.take_along_axis(A, j[..., None, None], axis=-1)[..., 0]
@@ -561,7 +574,9 @@ def top_singular_subspace(
     def chunk(_, V):
         return per_matrix(jnp.linalg.qr, jax.lax.fori_loop(0, 4, body, V))[0]
 
-    V = jax.lax.fori_loop(0, int(iters) // 4 if v0 is None else 0, chunk, unit_columns(V))
+    V = unit_columns(V)
+    if v0 is None:
+        V = jax.lax.fori_loop(0, int(iters) // 4, chunk, V)
     rest = int(iters) % 4 if v0 is None else int(iters)
     if v0 is not None and chebyshev and rest > 0:
         V = _chebyshev_filter(apply, V, rest, col_norms)
