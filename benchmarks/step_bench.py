@@ -5,7 +5,8 @@ vector scale (d) per block, float32 (``--wide`` doubles d). Each optimizer's upd
 (not donated here: the same step is timed again and again on the same inputs; the examples
 donate) and timed in one process with interleaved repetitions; times are medians, ratios the
 median over rounds of the ratio within a round (each round runs every candidate back to back,
-so the machine's slow drifts cancel). The roofline is the tree's standard Newton–Schulz FLOPs
+so the machine's slow drifts cancel), with the quartiles of those per-round ratios against
+``muon``'s default beside them (the goal column; how far a run's median may move). The roofline is the tree's standard Newton–Schulz FLOPs
 (``steps·(4m²n + 2m³)`` per matrix) divided by the rate of a plain batched matmul timed in the
 same run. Each optimizer first takes 20 warm-up steps (steady state: filled momenta, a
 converged online multiplier), then the same step is timed repeatedly. Also checks that
@@ -143,6 +144,15 @@ def main():
             return None
         return statistics.median(a / b for a, b in zip(runs[name], runs[base], strict=True))
 
+    def spread(name, base):
+        # The quartiles of those per-round ratios: how far one run's median may move.
+        if base not in runs or len(runs[name]) < 4:
+            return None
+        q1, _, q3 = statistics.quantiles(
+            [a / b for a, b in zip(runs[name], runs[base], strict=True)], n=4
+        )
+        return [q1, q3]
+
     # Two baselines of ours: the muon with optax's Newton–Schulz (Jordan's coefficients,
     # Frobenius normalization: the equal-NS comparison with optax.contrib.muon), and the
     # muon with the defaults that manifold_muon also runs (Polar Express, 5 steps, Schatten-8
@@ -157,6 +167,7 @@ def main():
                 "vs_optax_muon": ratio(name, "optax_muon"),
                 "vs_roofline": ratio(name, "matmul") / roof_scale,
                 "vs_muon_default": ratio(name, default),
+                "vs_muon_default_quartiles": spread(name, default),
                 "vs_muon_jordan": ratio(name, jordan),
                 "gflop": gflop[name],
                 "flops_vs_muon_default": gflop[name] / gflop[default] if default in gflop else None,
@@ -173,15 +184,18 @@ def main():
     )
     print(
         "| optimizer | ms/step | × optax muon | × roofline | × muon default (same NS as "
-        "manifold_muon) | × muon Jordan/Frobenius (same NS as optax) | GFLOP | FLOPs × muon "
+        "manifold_muon; quartiles over rounds) | × muon Jordan/Frobenius (same NS as optax) | GFLOP | FLOPs × muon "
         "default | traces |"
     )
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         f = lambda v: "—" if v is None else f"{v:.3f}"
+        q = r["vs_muon_default_quartiles"]
+        quartiles = "" if q is None else f" ({q[0]:.3f}–{q[1]:.3f})"
         print(
             f"| {r['optimizer']} | {r['ms']:.1f} | {f(r['vs_optax_muon'])} | "
-            f"{r['vs_roofline']:.3f} | {f(r['vs_muon_default'])} | {f(r['vs_muon_jordan'])} | "
+            f"{r['vs_roofline']:.3f} | {f(r['vs_muon_default'])}{quartiles} | "
+            f"{f(r['vs_muon_jordan'])} | "
             f"{r['gflop']:.2f} | {f(r['flops_vs_muon_default'])} | {r['traces']} |"
         )
     out = pathlib.Path(__file__).parent / "results" / ("step_wide.json" if a.wide else "step.json")
