@@ -6,9 +6,9 @@ vector scale (d) per block, float32 (``--wide`` doubles d). Each optimizer's upd
 donate) and timed in one process with interleaved repetitions; times are medians, ratios the
 median over rounds of the ratio within a round (each round runs every candidate back to back,
 so the machine's slow drifts cancel), with the quartiles of those per-round ratios against
-``muon``'s default beside them (the goal column; how far a run's median may move). The roofline is the tree's standard Newton–Schulz FLOPs
-(``steps·(4m²n + 2m³)`` per matrix) divided by the rate of a plain batched matmul timed in the
-same run. Each optimizer first takes 20 warm-up steps (steady state: filled momenta, a
+``muon``'s default beside them (the goal column; how far a run's median may move). The
+roofline is the tree's standard Newton–Schulz FLOPs (``steps·(4m²n + 2m³)`` per matrix)
+divided by the rate of a plain batched matmul timed in the same run. Each optimizer first takes 20 warm-up steps (steady state: filled momenta, a
 converged online multiplier), then the same step is timed repeatedly. Also checks that
 repeated steps do not retrace (the "traces" column counts traces after the first).
 
@@ -184,8 +184,8 @@ def main():
     )
     print(
         "| optimizer | ms/step | × optax muon | × roofline | × muon default (same NS as "
-        "manifold_muon; quartiles over rounds) | × muon Jordan/Frobenius (same NS as optax) | GFLOP | FLOPs × muon "
-        "default | traces |"
+        "manifold_muon; quartiles over rounds) | × muon Jordan/Frobenius (same NS as optax) "
+        "| GFLOP | FLOPs × muon default | traces |"
     )
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:

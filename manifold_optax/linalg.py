@@ -50,15 +50,14 @@ def _mm(a, b, precision, out_dtype):
 
 def matmul_tn(a, b, precision=None, out_dtype=None):
     """``aᵀb`` (both contracted over their row axis). On CPU ``aᵀ`` is first materialized (a
-    copy; the optimization barrier keeps XLA from folding the transpose back into the product):
-    an earlier XLA:CPU handed a product that contracts the lhs's leading axis to a generic
-    kernel instead of its fast matmul library (measured on 2 cores: 1.2–2.2× slower than ``ab``
-    for 256×256, 15% for 1024×256 by 256). With jaxlib 0.10's YNNPACK products that is no
-    longer so in isolation (the 1024×256 Gram without the copy: 0.64 against 0.84 ms), but in
-    the whole optimizer steps dropping the barrier changed nothing measurable (step_bench's tree,
-    one process, 15 rounds, new/old: ``muon`` 0.995, spectral sphere 1.019, Stiefel 0.994,
-    each within its ±3–5% quartiles), so it stays. Other backends take the transpose for
-    free."""
+    copy; the optimization barrier keeps XLA from folding the transpose back into the product),
+    because XLA:CPU ran a product that contracts the lhs's leading axis slowly (first measured
+    on 2 cores: 1.2–2.2× slower than ``ab`` for 256×256, 15% for 1024×256 by 256). Re-measured
+    with jaxlib 0.10.2, the copy no longer pays in isolation (the 1024×256 Gram: 0.64 ms without
+    it, 0.84 ms with it), and in the whole optimizer steps dropping it changed nothing
+    measurable (step_bench's tree, one process, 15 rounds, new/old: ``muon`` 0.995, spectral
+    sphere 1.019, Stiefel 0.994, each inside its ±3–5% quartiles), so it stays. Other backends
+    take the transpose for free."""
     t = jnp.swapaxes(a, -1, -2)
     if jax.default_backend() == "cpu":
         t = jax.lax.optimization_barrier(t)

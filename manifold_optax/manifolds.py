@@ -595,8 +595,8 @@ class Stiefel(Manifold):
 
     Every product is written for the matrix as stored (:func:`_cross`, :func:`_apply_sym`), never
     through a transposed view: XLA:CPU runs a product that contracts the lhs's leading axis
-    (``AᵀB``) below the rate of ``AB``/``ABᵀ`` (256×256 on 2 cores: 1.2–2.2× slower with an
-    earlier jaxlib, about 15% with jaxlib 0.10's YNNPACK products). A
+    (``AᵀB``) below the rate of ``AB``/``ABᵀ`` (256×256 on 2 cores: first measured 1.2–2.2×
+    slower, about 15% re-measured with jaxlib 0.10.2). A
     square ``W`` therefore takes the row form (``sym(WΦᵀ)``, ``X·W``, ``VVᵀ``), in which every
     product is ``AB`` or ``ABᵀ``; its multiplier is the row form's, ``W·X_col·Wᵀ``.
     """
