@@ -8,8 +8,9 @@ median over rounds of the ratio within a round (each round runs every candidate 
 so the machine's slow drifts cancel), with the quartiles of those per-round ratios against
 ``muon``'s default beside them (the goal column; how far a run's median may move). The
 roofline is the tree's standard Newton–Schulz FLOPs (``steps·(4m²n + 2m³)`` per matrix)
-divided by the rate of a plain batched matmul timed in the same run. Each optimizer first takes 20 warm-up steps (steady state: filled momenta, a
-converged online multiplier), then the same step is timed repeatedly. Also checks that
+divided by the rate of a plain batched matmul timed in the same run. Each optimizer first
+takes 20 warm-up steps (steady state: filled momenta, a converged online multiplier), then
+the same step is timed repeatedly. Also checks that
 repeated steps do not retrace (the "traces" column counts traces after the first).
 
 The "GFLOP" and "FLOPs × muon" columns count the matmul FLOPs of each step from its jaxpr
@@ -137,20 +138,20 @@ def main():
     roof_scale = flops / (2.0 * k * d * d * 4 * d)  # the tree's NS FLOPs / the matmul's
     t_roof = t["matmul"] * roof_scale
 
+    def per_round(name, base):
+        # The ratio within each round (each round runs every candidate back to back, so the
+        # machine's slow drifts cancel).
+        return [a / b for a, b in zip(runs[name], runs[base], strict=True)]
+
     def ratio(name, base):
-        # Median over rounds of the ratio within a round (each round runs every candidate
-        # back to back, so the machine's slow drifts cancel), rather than a ratio of medians.
-        if base not in runs:
-            return None
-        return statistics.median(a / b for a, b in zip(runs[name], runs[base], strict=True))
+        # Median over rounds of the ratio within a round, rather than a ratio of medians.
+        return statistics.median(per_round(name, base)) if base in runs else None
 
     def spread(name, base):
         # The quartiles of those per-round ratios: how far one run's median may move.
         if base not in runs or len(runs[name]) < 4:
             return None
-        q1, _, q3 = statistics.quantiles(
-            [a / b for a, b in zip(runs[name], runs[base], strict=True)], n=4
-        )
+        q1, _, q3 = statistics.quantiles(per_round(name, base), n=4)
         return [q1, q3]
 
     # Two baselines of ours: the muon with optax's Newton–Schulz (Jordan's coefficients,
