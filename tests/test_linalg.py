@@ -271,6 +271,22 @@ def test_lower_inverse_is_exact_for_every_block_size():
         assert np.abs(Li @ L - np.eye(p)).max() < 1e-5, p  # float32, cond(L) ≲ 10
 
 
+@pytest.mark.parametrize("p", [2, 32, 200])
+def test_top_eigvec_squarings_do_not_underflow_on_a_flat_spectrum(p):
+    # The squarings renormalize only every few steps. A flat spectrum is the worst case: after
+    # a normalization every eigenvalue is 1/p, and too many squarings before the next one
+    # underflow the whole matrix to zero (then the result is the fallback e₀, not the top
+    # eigenvector). Top eigenvalue 0.1% above the rest, in a random basis.
+    from manifold_optax.linalg import _squarings_between_normalizations, _top_eigvec_psd
+
+    k = _squarings_between_normalizations(p)
+    assert k >= 1 and 2**k * np.log2(max(p, 2)) <= 100 < 2 ** (k + 1) * np.log2(max(p, 2))
+    Q, _ = np.linalg.qr(np.random.default_rng(p).standard_normal((p, p)))
+    H = (Q * np.concatenate([[1.001], np.ones(p - 1)])) @ Q.T
+    c = np.asarray(_top_eigvec_psd(jnp.asarray(H, jnp.float32), 24), np.float64)
+    assert abs(abs(c @ Q[:, 0]) - 1) < 1e-4
+
+
 @pytest.mark.parametrize("duplicate", [False, True])
 def test_matmul_only_rayleigh_ritz_resolves_a_cluster(duplicate):
     # S with a top cluster 1, 1 − 1e-5, 1 − 2e-5, … (closer than any fixed number of power
