@@ -649,7 +649,8 @@ class Stiefel(Manifold):
     def dual_step(self, Gn, W, Y, theta, eta, msign_fn):
         """Square ``W``: the closed form (the exact direction, two m×m×m products against the
         dual step's three). Otherwise the generic dual step, ``Φ = msign(Ĝ + W·Y)``,
-        ``c = sym(WᵀΦ)``, ``(Φ − W·c, Y − η₂·c)``, without re-symmetrizing ``Y`` or ``c``
+        ``c = sym(WᵀΦ)``, ``(Φ − W·c, Y − η₂·c)`` (``Φ`` unprojected without
+        :attr:`project_dual_direction`), without re-symmetrizing ``Y`` or ``c``
         (:meth:`adjoint` does, for a multiplier of unknown origin): the state's ``Y`` starts
         at zero and changes only by ``c = ½(B + Bᵀ)``, whose two halves are the same
         floating-point sum, so it stays exactly symmetric. A symmetrization reads its
@@ -659,7 +660,9 @@ class Stiefel(Manifold):
             return self._closed_form(W, Gn, msign_fn)
         Phi = msign_fn(Gn + _apply_sym(W, Y))
         c = self.constraint(W, Phi)
-        return Phi - _apply_sym(W, c), Y - eta * c
+        if self.project_dual_direction:
+            Phi = Phi - _apply_sym(W, c)
+        return Phi, Y - eta * c
 
     def _solve(self, Gn, W, Y, aux, solver, config):
         n, m = W.shape[-2:]

@@ -131,6 +131,22 @@ def test_online_stiefel_multiplier_stays_exactly_symmetric(transform, shape, rng
     assert np.abs(Y).max() > 1e-3  # the multiplier moved
 
 
+def test_online_stiefel_projects_its_direction_only_when_asked(rng):
+    # project_dual_direction (a class attribute) decides whether the online step returns Φ
+    # projected onto the tangent space; the first step (Y = 0, Φ = msign(Ĝ)) is far from it.
+    class Unprojected(mo.Stiefel):
+        project_dual_direction = False
+
+    W = _point(mo.Stiefel(), (64, 16), rng)
+    G = jnp.asarray(rng.standard_normal((64, 16)), jnp.float32)
+    violation = {}
+    for m in (mo.Stiefel(), Unprojected()):
+        tx = mo.dual_ascent(m, "online")
+        phi, _ = jax.jit(tx.update)(G, tx.init(W), W)
+        violation[m.project_dual_direction] = float(m.tangent_violation(W, phi))
+    assert violation[True] < 1e-5 and violation[False] > 1e-2, violation
+
+
 def _train(m, solver, steps, rng):
     x = jnp.asarray(rng.standard_normal((128, 24)), jnp.float32)
     t = jnp.tanh(x @ jnp.asarray(rng.standard_normal((24, 12)) / 5, jnp.float32))
