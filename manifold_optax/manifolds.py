@@ -36,7 +36,6 @@ import jax
 import jax.numpy as jnp
 
 from manifold_optax.linalg import (
-    _trace,
     matmul_tn,
     msign,
     per_matrix,
@@ -93,7 +92,7 @@ def _normalized_gram(X):
     folded into the m×m polish factor, ``X·(p(A)/c)``, rather than applied to ``X``: a pass)."""
     m = min(X.shape[-2:])
     A = _cross(X, X)
-    c2 = _trace(A) / m
+    c2 = jnp.trace(A, axis1=-2, axis2=-1) / m
     c2 = jnp.where(c2 > 0, c2, 1.0)[..., None, None]
     return A / c2, jax.lax.rsqrt(c2)
 
