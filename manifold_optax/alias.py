@@ -211,6 +211,7 @@ def manifold_muon(
     ns_coeffs="polar_express",
     compute_dtype=None,
     exact_config=None,
+    power_iters: int = 6,
     init_tolerance: float | None = DEFAULT_INIT_TOLERANCE,
     mu_dtype=None,
     fallback: str = "adamw",
@@ -239,6 +240,8 @@ def manifold_muon(
       dual_learning_rate, inner_steps, ns_steps, ns_coeffs, compute_dtype, exact_config,
         init_tolerance, sharding, group: see :func:`dual_ascent` (``compute_dtype`` also
         applies to the ``fallback="muon"`` matrices).
+      power_iters: the spectral sphere retraction's filter degree, its accuracy against its
+        cost: see :func:`manifold_step` and ``benchmarks/spectral_accuracy.py``.
 
     The explicit chain ``optax.chain(momentum(beta), dual_ascent(manifold, solver),
     optax.scale_by_learning_rate(learning_rate), retract(manifold))`` computes the same update
@@ -264,6 +267,7 @@ def manifold_muon(
             ns_coeffs=ns_coeffs,
             compute_dtype=compute_dtype,
             exact_config=exact_config,
+            power_iters=power_iters,
             init_tolerance=init_tolerance,
             sharding=sharding,
             group=group,

@@ -101,9 +101,12 @@ def manifold_step(
         exact_config, init_tolerance, sharding, group: as in :func:`~manifold_optax.dual_ascent`.
       power_iters: the degree of the spectral sphere retraction's warm Chebyshev-filtered
         block iteration (as in :func:`~manifold_optax.retract`; each degree is an ``s×s``
-        by ``s×p`` product with the Gram). Measured on the digits demo, the worst
-        ``|‖W‖₂ − r|/r`` over 600 steps: 3e-6 with 4, 7e-7 with 5, 2.7e-7 with 6 (the
-        default); plain power iteration left 4e-5 with 6 and 8e-6 with 10.
+        by ``s×p`` product with the Gram). Measured after every one of the digits demo's 600
+        steps (``benchmarks/spectral_accuracy.py``), the worst ``|‖W‖₂ − r|/r``: 7.9e-5 with
+        2, 1.5e-5 with 3, 4.8e-6 with 4, 1.2e-6 with 6 (the default), 5.3e-7 with 8; plain
+        power steps left 6.1e-5 with 6 and 2.2e-5 with 10. A lower degree buys little time:
+        on step_bench's tree (2 CPU cores) the step measured 1.21× ``muon``'s with 2 and
+        1.27× with 6, each within the other's quartiles.
     """
     cfg = _solver_config(solver, exact_config, inner_steps, dual_learning_rate)
     ms_kwargs = dict(steps=ns_steps, coeffs=ns_coeffs, compute_dtype=compute_dtype)

@@ -1,0 +1,170 @@
+"""How exactly the spectral sphere's retraction keeps ``‖W‖₂ = r``, against what it costs.
+
+The retraction rescales ``V = W − ηΦ`` by ``r/σ̂`` where ``σ̂`` is the Ritz value of a block
+warm-started from the previous step and refined by a degree-``power_iters`` Chebyshev filter
+(``manifold_muon(..., power_iters=k)``; ``linalg.top_singular_subspace``). ``σ̂`` is a lower
+bound, so after the step ``‖W‖₂ = r·σ₁/σ̂ ≥ r``, and the constraint violation
+``|‖W‖₂ − r|/r`` is the estimate's relative error.
+
+For each filter (Chebyshev of each degree in ``--degrees``; ``--power`` adds plain power
+steps of the given counts, for comparison) it
+
+- trains the demo (``manifold_optax.demo``: the digits MLP, both hidden layers on the
+  spectral sphere, 600 steps) and measures the violation after *every* step from a float64
+  SVD: the worst and the median over training, and the test accuracy;
+- times the optimizer step on step_bench's reference tree (d = 256) against ``muon``'s, in
+  one process with interleaved rounds (medians of per-round ratios, with quartiles), for
+  the Chebyshev degrees only (``k`` power steps are the same products as degree ``k``).
+
+Run: ``python benchmarks/spectral_accuracy.py [--degrees 2,3,4,6,8] [--power 6,10]
+[--reps 15]``; writes ``benchmarks/results/spectral_accuracy.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import pathlib
+import platform
+import statistics
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+sys.path.insert(0, str(pathlib.Path(__file__).parent))
+from _timing import time_interleaved  # noqa: E402
+from step_bench import reference_tree  # noqa: E402
+
+import manifold_optax as mo  # noqa: E402
+from manifold_optax import demo  # noqa: E402
+from manifold_optax.linalg import top_singular_subspace  # noqa: E402
+from manifold_optax.manifolds import Aux  # noqa: E402
+
+
+@dataclasses.dataclass(frozen=True)
+class PowerStepSphere(mo.SpectralSphere):
+    """The spectral sphere with plain power steps in place of the Chebyshev filter on warm
+    starts (the comparison the filter's docstring quotes)."""
+
+    def update_aux(self, W, aux, iters):
+        V0 = aux.v
+        if V0 is None or V0.shape[-2] != min(W.shape[-2:]):
+            V0 = None
+        sigma, u, v, V = top_singular_subspace(W, V0, iters, self.block, chebyshev=False)
+        return Aux(v=V, sigma=sigma, u=u, vec=v)
+
+
+def sphere_factory(kind: str):
+    cls = PowerStepSphere if kind == "power" else mo.SpectralSphere
+    return lambda fi, fo: cls(math.sqrt(fo / fi))
+
+
+def train_demo(kind: str, degree: int, steps: int = 600, batch: int = 128, seed: int = 0):
+    """The demo's spectral-sphere run; the violation of both hidden layers after every step."""
+    spec = demo._hidden_only(sphere_factory(kind))
+    lr = demo.DEFAULT_LR["spectral_sphere"]
+    tx = mo.manifold_muon(lr, spec, adam_learning_rate=3e-3, power_iters=degree)
+    (xtr, ytr), (xte, yte) = demo.load_digits(seed)
+    model = demo.MLP(rngs=nnx.Rngs(seed))
+    nnx.update(model, mo.project_params(nnx.state(model, nnx.Param), spec))
+    opt = nnx.Optimizer(model, tx, wrt=nnx.Param)
+
+    def loss_fn(m, x, y):
+        return optax.softmax_cross_entropy_with_integer_labels(m(x), y).mean()
+
+    @nnx.jit(donate_argnums=(0, 1))
+    def step(m, o, x, y):
+        loss, grads = nnx.value_and_grad(loss_fn)(m, x, y)
+        o.update(m, grads)
+        return loss
+
+    rng = np.random.default_rng(seed)
+    violations = []
+    for _ in range(steps):
+        idx = rng.integers(0, xtr.shape[0], batch)
+        step(model, opt, xtr[idx], ytr[idx])
+        params = nnx.as_pure(nnx.state(model, nnx.Param))
+        violations.append(demo.constraint_violation("spectral_sphere", params))
+    acc = float(jnp.mean(jnp.argmax(model(xte), -1) == yte))
+    return {
+        "worst_violation": max(violations),
+        "median_violation": statistics.median(violations),
+        "final_violation": violations[-1],
+        "test_accuracy": acc,
+    }
+
+
+def step_ratios(filters, reps: int, d: int = 256):
+    """Per-round step-time ratios against ``muon``'s on the reference tree: ``{name: [..]}``."""
+    tree = reference_tree(d)
+    grads = jax.tree.map(lambda x: 0.01 * jax.random.normal(jax.random.PRNGKey(1), x.shape), tree)
+    txs = {"muon": (mo.muon(0.02), None)}
+    for kind, degree in filters:
+        manifold = mo.by_shape(sphere_factory(kind))
+        txs[(kind, degree)] = (mo.manifold_muon(0.02, manifold, power_iters=degree), manifold)
+    fns, args = {}, {}
+    for name, (tx, manifold) in txs.items():
+        params = tree if manifold is None else mo.project_params(tree, manifold)
+        state = tx.init(params)
+
+        def step(p, s, g, tx=tx):
+            u, s = tx.update(g, s, p)
+            return optax.apply_updates(p, u), s
+
+        f = jax.jit(step)
+        for _ in range(20):  # steady state: filled momenta, a converged multiplier
+            params, state = f(params, state, grads)
+        fns[name], args[name] = f, (params, state, grads)
+    runs = time_interleaved(fns, args, reps=reps, min_sample_s=0.2, samples=True)
+    return {k: [a / b for a, b in zip(runs[k], runs["muon"], strict=True)] for k in txs}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--degrees", default="2,3,4,6,8", help="Chebyshev filter degrees")
+    ap.add_argument("--power", default="6,10", help="power-step counts ('' for none)")
+    ap.add_argument("--reps", type=int, default=15)
+    a = ap.parse_args()
+    filters = [("chebyshev", int(k)) for k in a.degrees.split(",") if k]
+    filters += [("power", int(k)) for k in a.power.split(",") if k]
+    rows = []
+    for kind, degree in filters:
+        rows.append({"filter": kind, "degree": degree, **train_demo(kind, degree)})
+        print(f"trained {kind} {degree}: worst {rows[-1]['worst_violation']:.2e}", flush=True)
+    ratios = step_ratios([f for f in filters if f[0] == "chebyshev"], a.reps)
+    for r in rows:
+        per_round = ratios.get((r["filter"], r["degree"]))
+        if per_round is None:
+            r["step_vs_muon"] = r["step_vs_muon_quartiles"] = None
+            continue
+        q1, _, q3 = statistics.quantiles(per_round, n=4)
+        r["step_vs_muon"] = statistics.median(per_round)
+        r["step_vs_muon_quartiles"] = [q1, q3]
+    print(
+        f"\n### Spectral sphere retraction: accuracy (digits demo, 600 steps, violation after "
+        f"every step) and step time (reference tree d=256, {jax.devices()[0].device_kind}, "
+        f"median of {a.reps} interleaved rounds)\n"
+    )
+    print("| filter | degree | worst ‖W‖₂ violation | median | test acc | step × muon |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        q = r["step_vs_muon_quartiles"]
+        time = "—" if q is None else f"{r['step_vs_muon']:.3f} ({q[0]:.3f}–{q[1]:.3f})"
+        print(
+            f"| {r['filter']} | {r['degree']} | {r['worst_violation']:.1e} | "
+            f"{r['median_violation']:.1e} | {100 * r['test_accuracy']:.1f}% | {time} |"
+        )
+    out = pathlib.Path(__file__).parent / "results" / "spectral_accuracy.json"
+    meta = {"platform": platform.platform(), "device": jax.devices()[0].device_kind}
+    out.write_text(json.dumps({**meta, "rows": rows}, indent=1))
+    print(f"\nwrote {out}")
+
+
+if __name__ == "__main__":
+    main()
