@@ -105,8 +105,8 @@ def manifold_step(
         steps (``benchmarks/spectral_accuracy.py``), the worst ``|‖W‖₂ − r|/r``: 7.9e-5 with
         2, 1.5e-5 with 3, 4.8e-6 with 4, 1.2e-6 with 6 (the default), 5.3e-7 with 8; plain
         power steps left 6.1e-5 with 6 and 2.2e-5 with 10. A lower degree buys little time:
-        on step_bench's tree (2 CPU cores) the step measured 1.21× ``muon``'s with 2 and
-        1.27× with 6, each within the other's quartiles.
+        on step_bench's tree (2 CPU cores) the step measured 1.21× ``muon``'s with 2
+        (quartiles over rounds 1.15–1.25) and 1.27× with 6 (1.21–1.37).
     """
     cfg = _solver_config(solver, exact_config, inner_steps, dual_learning_rate)
     ms_kwargs = dict(steps=ns_steps, coeffs=ns_coeffs, compute_dtype=compute_dtype)
