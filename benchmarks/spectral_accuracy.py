@@ -17,7 +17,7 @@ steps of the given counts, for comparison) it
   the Chebyshev degrees only (``k`` power steps are the same products as degree ``k``).
 
 Run: ``python benchmarks/spectral_accuracy.py [--degrees 2,3,4,6,8] [--power 6,10]
-[--reps 15]``; writes ``benchmarks/results/spectral_accuracy.json``.
+[--reps 15] [--block 32]``; writes ``benchmarks/results/spectral_accuracy.json``.
 """
 
 from __future__ import annotations
@@ -60,14 +60,16 @@ class PowerStepSphere(mo.SpectralSphere):
         return Aux(v=V, sigma=sigma, u=u, vec=v)
 
 
-def sphere_factory(kind: str):
+def sphere_factory(kind: str, block: int = 32):
     cls = PowerStepSphere if kind == "power" else mo.SpectralSphere
-    return lambda fi, fo: cls(math.sqrt(fo / fi))
+    return lambda fi, fo: cls(math.sqrt(fo / fi), block=block)
 
 
-def train_demo(kind: str, degree: int, steps: int = 600, batch: int = 128, seed: int = 0):
-    """The demo's spectral-sphere run; the violation of both hidden layers after every step."""
-    spec = demo._hidden_only(sphere_factory(kind))
+def train_demo(kind: str, degree: int, block: int = 32, steps: int = 600, seed: int = 0):
+    """The demo's spectral-sphere run (batch 128); the violation of both hidden layers after
+    every step."""
+    batch = 128
+    spec = demo._hidden_only(sphere_factory(kind, block))
     lr = demo.DEFAULT_LR["spectral_sphere"]
     tx = mo.manifold_muon(lr, spec, adam_learning_rate=3e-3, power_iters=degree)
     (xtr, ytr), (xte, yte) = demo.load_digits(seed)
@@ -100,13 +102,13 @@ def train_demo(kind: str, degree: int, steps: int = 600, batch: int = 128, seed:
     }
 
 
-def step_ratios(filters, reps: int, d: int = 256):
+def step_ratios(filters, reps: int, block: int = 32, d: int = 256):
     """Per-round step-time ratios against ``muon``'s on the reference tree: ``{name: [..]}``."""
     tree = reference_tree(d)
     grads = jax.tree.map(lambda x: 0.01 * jax.random.normal(jax.random.PRNGKey(1), x.shape), tree)
     txs = {"muon": (mo.muon(0.02), None)}
     for kind, degree in filters:
-        manifold = mo.by_shape(sphere_factory(kind))
+        manifold = mo.by_shape(sphere_factory(kind, block))
         txs[(kind, degree)] = (mo.manifold_muon(0.02, manifold, power_iters=degree), manifold)
     fns, args = {}, {}
     for name, (tx, manifold) in txs.items():
@@ -130,14 +132,16 @@ def main():
     ap.add_argument("--degrees", default="2,3,4,6,8", help="Chebyshev filter degrees")
     ap.add_argument("--power", default="6,10", help="power-step counts ('' for none)")
     ap.add_argument("--reps", type=int, default=15)
+    ap.add_argument("--block", type=int, default=32, help="the SpectralSphere's block size")
     a = ap.parse_args()
     filters = [("chebyshev", int(k)) for k in a.degrees.split(",") if k]
     filters += [("power", int(k)) for k in a.power.split(",") if k]
     rows = []
     for kind, degree in filters:
-        rows.append({"filter": kind, "degree": degree, **train_demo(kind, degree)})
+        row = {"filter": kind, "degree": degree, "block": a.block}
+        rows.append(row | train_demo(kind, degree, a.block))
         print(f"trained {kind} {degree}: worst {rows[-1]['worst_violation']:.2e}", flush=True)
-    ratios = step_ratios([f for f in filters if f[0] == "chebyshev"], a.reps)
+    ratios = step_ratios([f for f in filters if f[0] == "chebyshev"], a.reps, a.block)
     for r in rows:
         per_round = ratios.get((r["filter"], r["degree"]))
         if per_round is None:
@@ -148,7 +152,8 @@ def main():
         r["step_vs_muon_quartiles"] = [q1, q3]
     print(
         f"\n### Spectral sphere retraction: accuracy (digits demo, 600 steps, violation after "
-        f"every step) and step time (reference tree d=256, {jax.devices()[0].device_kind}, "
+        f"every step; block {a.block}) and step time (reference tree d=256, "
+        f"{jax.devices()[0].device_kind}, "
         f"median of {a.reps} interleaved rounds)\n"
     )
     print("| filter | degree | worst ‖W‖₂ violation | median | test acc | step × muon |")

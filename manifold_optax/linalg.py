@@ -540,7 +540,8 @@ def top_singular_subspace(
     Saad 2007); the same products. With the flat top spectrum the spectral sphere produces,
     this is what makes a few steps enough: on the digits demo's spectral-sphere layers, the
     worst ``|σ̂₁ − σ₁|/σ₁`` over training was 1.2e-6 with 6 filter steps against 6.1e-5 with 6
-    power steps (2.2e-5 with 10; ``benchmarks/spectral_accuracy.py``). Cold starts always take power steps (with a QR every 4).
+    power steps (2.2e-5 with 10; ``benchmarks/spectral_accuracy.py``). Cold starts always take
+    power steps (with a QR every 4).
 
     ``gram=True`` forms the short-side Gram ``AᵀA`` once (one compute-bound product) and
     iterates with it: each step is then an ``s×s`` by ``s×p`` product instead of two thin

@@ -483,10 +483,10 @@ class SpectralSphere(Manifold):
     the digits demo's 256×256 layer: 4.4e-3 with an 8-vector block), so the retraction uses
     the Ritz value of a warm-started ``block``-vector subspace (default 32; it is a lower
     bound, so ``σ_max ≥ r`` after the step). Measured after every one of the digits demo's
-    600 steps (``benchmarks/spectral_accuracy.py``), the worst ``|‖W‖₂ − r|/r``: 1.2e-6 with
-    the default degree-6 filter (median 1.5e-7); block 16 left 2.0e-5 (degree 6) and 6.9e-6
-    (degree 8), block 8 3.6e-4 (degree 6). ``exact_norm=True`` reads ``‖V‖₂`` from the top eigenvalue
-    of the short-side Gram matrix instead: exact, but an m×m eigensolve per step (on a 2-core
+    600 steps (``benchmarks/spectral_accuracy.py [--block B]``), the worst ``|‖W‖₂ − r|/r``:
+    1.2e-6 with the default degree-6 filter (median 1.5e-7); block 16 left 2.0e-5 (degree 6)
+    and 6.9e-6 (degree 8), block 8 3.6e-4 (degree 6). ``exact_norm=True`` reads ``‖V‖₂``
+    from the top eigenvalue of the short-side Gram matrix instead: exact, but an m×m eigensolve per step (on a 2-core
     CPU the reference tree's step went from ~1.3× to ~4.6× the roofline)."""
 
     radius: float = 1.0
