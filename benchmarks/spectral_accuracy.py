@@ -23,7 +23,6 @@ Run: ``python benchmarks/spectral_accuracy.py [--degrees 2,3,4,6,8] [--power 6,1
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import math
 import pathlib
@@ -33,7 +32,6 @@ import sys
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from flax import nnx
 
@@ -43,56 +41,30 @@ from step_bench import reference_tree  # noqa: E402
 
 import manifold_optax as mo  # noqa: E402
 from manifold_optax import demo  # noqa: E402
-from manifold_optax.linalg import top_singular_subspace  # noqa: E402
-from manifold_optax.manifolds import Aux  # noqa: E402
-
-
-@dataclasses.dataclass(frozen=True)
-class PowerStepSphere(mo.SpectralSphere):
-    """The spectral sphere with plain power steps in place of the Chebyshev filter on warm
-    starts (the comparison the filter's docstring quotes)."""
-
-    def update_aux(self, W, aux, iters):
-        V0 = aux.v
-        if V0 is None or V0.shape[-2] != min(W.shape[-2:]):
-            V0 = None
-        sigma, u, v, V = top_singular_subspace(W, V0, iters, self.block, chebyshev=False)
-        return Aux(v=V, sigma=sigma, u=u, vec=v)
 
 
 def sphere_factory(kind: str, block: int = 32):
-    cls = PowerStepSphere if kind == "power" else mo.SpectralSphere
-    return lambda fi, fo: cls(math.sqrt(fo / fi), block=block)
+    """Per-layer spectral spheres refined by the Chebyshev filter or (``"power"``) power steps."""
+    chebyshev = kind != "power"
+    return lambda fi, fo: mo.SpectralSphere(math.sqrt(fo / fi), block=block, chebyshev=chebyshev)
 
 
 def train_demo(kind: str, degree: int, block: int = 32, steps: int = 600, seed: int = 0):
-    """The demo's spectral-sphere run (batch 128); the violation of both hidden layers after
-    every step."""
-    batch = 128
+    """The demo's spectral-sphere run (``demo.train``, batch 128); the violation of both hidden
+    layers after every step."""
     spec = demo._hidden_only(sphere_factory(kind, block))
     lr = demo.DEFAULT_LR["spectral_sphere"]
     tx = mo.manifold_muon(lr, spec, adam_learning_rate=3e-3, power_iters=degree)
     (xtr, ytr), (xte, yte) = demo.load_digits(seed)
     model = demo.MLP(rngs=nnx.Rngs(seed))
     nnx.update(model, mo.project_params(nnx.state(model, nnx.Param), spec))
-    opt = nnx.Optimizer(model, tx, wrt=nnx.Param)
-
-    def loss_fn(m, x, y):
-        return optax.softmax_cross_entropy_with_integer_labels(m(x), y).mean()
-
-    @nnx.jit(donate_argnums=(0, 1))
-    def step(m, o, x, y):
-        loss, grads = nnx.value_and_grad(loss_fn)(m, x, y)
-        o.update(m, grads)
-        return loss
-
-    rng = np.random.default_rng(seed)
     violations = []
-    for _ in range(steps):
-        idx = rng.integers(0, xtr.shape[0], batch)
-        step(model, opt, xtr[idx], ytr[idx])
-        params = nnx.as_pure(nnx.state(model, nnx.Param))
+
+    def check(m):
+        params = nnx.as_pure(nnx.state(m, nnx.Param))
         violations.append(demo.constraint_violation("spectral_sphere", params))
+
+    demo.train(model, tx, xtr, ytr, steps, 128, seed, on_step=check)
     acc = float(jnp.mean(jnp.argmax(model(xte), -1) == yte))
     return {
         "worst_violation": max(violations),

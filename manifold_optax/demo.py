@@ -122,17 +122,19 @@ def constraint_violation(name: str, params) -> float | None:
     return worst
 
 
-def run_one(name, lr, data, steps, batch, seed, progress=None):
-    (xtr, ytr), (xte, yte) = data
-    model = MLP(rngs=nnx.Rngs(seed))
-    tx, spec = make_optimizer(name, lr)
-    if spec is not None:
-        params = nnx.state(model, nnx.Param)
-        nnx.update(model, mo.project_params(params, spec))
-    opt = nnx.Optimizer(model, tx, wrt=nnx.Param)
+def loss_fn(model, x, y):
+    """Mean softmax cross-entropy of ``model`` on a batch."""
+    return optax.softmax_cross_entropy_with_integer_labels(model(x), y).mean()
 
-    def loss_fn(m, x, y):
-        return optax.softmax_cross_entropy_with_integer_labels(m(x), y).mean()
+
+def train(model, tx, xtr, ytr, steps: int, batch: int, seed: int, *, on_step=None, progress=None):
+    """Trains ``model`` in place with ``tx`` on ``steps`` batches of ``batch`` examples, sampled
+    with replacement from ``(xtr, ytr)`` by a generator seeded with ``seed``; the step is one
+    ``nnx.jit``-compiled program that donates the model and optimizer state (updated in
+    place). ``on_step(model)``, if given, runs after every step (e.g. to check a constraint).
+    Returns ``(losses, seconds)``: each step's training loss, and the wall time of every step
+    after the first (which compiles)."""
+    opt = nnx.Optimizer(model, tx, wrt=nnx.Param)
 
     @nnx.jit(donate_argnums=(0, 1))  # model and optimizer state are updated in place
     def step(m, o, x, y):
@@ -146,13 +148,25 @@ def run_one(name, lr, data, steps, batch, seed, progress=None):
     for t in range(steps):
         idx = rng.integers(0, n, batch)
         t0 = time.perf_counter()
-        loss = step(model, opt, xtr[idx], ytr[idx])
-        loss = float(loss)
+        loss = float(step(model, opt, xtr[idx], ytr[idx]))
         if t > 0:
             times.append(time.perf_counter() - t0)
         losses.append(loss)
+        if on_step is not None:
+            on_step(model)
         if progress is not None:
             progress.update(1)
+    return losses, times
+
+
+def run_one(name, lr, data, steps, batch, seed, progress=None):
+    (xtr, ytr), (xte, yte) = data
+    model = MLP(rngs=nnx.Rngs(seed))
+    tx, spec = make_optimizer(name, lr)
+    if spec is not None:
+        params = nnx.state(model, nnx.Param)
+        nnx.update(model, mo.project_params(params, spec))
+    losses, times = train(model, tx, xtr, ytr, steps, batch, seed, progress=progress)
     params = nnx.as_pure(nnx.state(model, nnx.Param))
     logits = model(xte)
     acc = float(jnp.mean(jnp.argmax(logits, -1) == yte))

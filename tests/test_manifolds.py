@@ -238,7 +238,9 @@ def test_manifold_muon_power_iters_sets_the_spectral_retractions_accuracy():
     # block holds): the warm block's filter degree decides how well the retraction's Ritz value
     # tracks ‖V‖₂. manifold_muon must hand power_iters to its step (the same update as the
     # explicit momentum → manifold_step chain with that degree), and the degree must matter:
-    # measured worst |‖W‖₂ − 1| over 10 steps 5.6e-5 with 6, 5.9e-3 with 1.
+    # measured worst |‖W‖₂ − 1| over 10 steps 5.6e-5 (AMD EPYC) / 1.5e-4 (Intel Xeon) with 6,
+    # 5.9e-3 with 1. So must the filter: SpectralSphere(chebyshev=False) takes 6 plain power
+    # steps instead (the same products), measured 2.9e-3.
     rng = np.random.default_rng(0)
     n = 96
     U = np.linalg.qr(rng.standard_normal((n, n)))[0]
@@ -261,11 +263,13 @@ def test_manifold_muon_power_iters_sets_the_spectral_retractions_accuracy():
 
     worst6, _ = worst_violation(mo.manifold_muon(0.05, m, power_iters=6))
     worst1, alias1 = worst_violation(mo.manifold_muon(0.05, m, power_iters=1))
+    power = mo.SpectralSphere(1.0, chebyshev=False)
+    worst_power6, _ = worst_violation(mo.manifold_muon(0.05, power, power_iters=6))
     chain = optax.chain(mo.momentum(0.95), mo.manifold_step(m, 0.05, power_iters=1))
     _, chain1 = worst_violation(chain)
     for a, b in zip(alias1, chain1, strict=True):
         np.testing.assert_array_equal(a, b)
-    assert worst6 < 5e-4 < worst1
+    assert worst6 < 5e-4 < min(worst1, worst_power6)
 
 
 @pytest.mark.parametrize("transform", ["manifold_step", "chain"])
