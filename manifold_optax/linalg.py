@@ -539,8 +539,8 @@ def top_singular_subspace(
     grows like ``e^{2k√(λ/b−1)}`` above it, where power steps grow like ``(λ/b)^k`` (Zhou &
     Saad 2007); the same products. With the flat top spectrum the spectral sphere produces,
     this is what makes a few steps enough: on the digits demo's spectral-sphere layers, the
-    worst ``|σ̂₁ − σ₁|/σ₁`` over training was 1.2e-6 with 6 filter steps against 6.1e-5 with 6
-    power steps (2.2e-5 with 10; ``benchmarks/spectral_accuracy.py``). Cold starts always take
+    worst ``|σ̂₁ − σ₁|/σ₁`` over training was 9.0e-7 with 6 filter steps against 3.6e-5 with 6
+    power steps (1.6e-5 with 10; ``benchmarks/spectral_accuracy.py``). Cold starts always take
     power steps (with a QR every 4).
 
     ``gram=True`` forms the short-side Gram ``AᵀA`` once (one compute-bound product) and
@@ -575,7 +575,13 @@ def top_singular_subspace(
         V = jnp.swapaxes(first, -1, -2) + jax.random.normal(key, x.shape[:-2] + (s_dim, p), acc) * (
             1e-2 * jnp.max(jnp.abs(xa), axis=(-2, -1), keepdims=True) + 1e-30
         )
-        iters = max(int(iters), 30)
+        # A whole number of 4-step chunks, so the block is orthonormal when Rayleigh–Ritz
+        # starts: power steps after the last QR collapse the columns onto the top direction
+        # (e.g. 2 steps at σ₂²/σ₁² = 0.46), and the shifted Cholesky in _ritz_top then
+        # cannot resolve the top vector within that near-rank-one block (a 1.6e-4 error in
+        # Θ = u₁v₁ᵀ on an 8×8 matrix, against 2e-8 from an orthonormal block; σ₁, a
+        # Rayleigh quotient, stayed within 1.3e-7).
+        iters = 4 * math.ceil(max(int(iters), 30) / 4)
     else:
         V = jnp.asarray(v0, acc)
 

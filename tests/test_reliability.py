@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import manifold_optax as mo
@@ -218,6 +218,9 @@ _SHAPES = [(8, 8), (12, 5), (5, 12), (16, 3)]
     dtype=st.sampled_from(["float32", "bfloat16"]),
     seed=st.integers(0, 1000),
 )
+# Found by this test: the exact spectral-sphere direction was off-tangent by 1.03e-4 (the cold
+# start's Θ ended on power steps after its last QR; see test_manifolds).
+@example(shape=(8, 8), manifold=SPEC, log_scale=0.0, rank_frac=1.0, dtype="float32", seed=205)
 def test_fuzz_retract_and_direction(shape, manifold, log_scale, rank_frac, dtype, seed):
     rng = np.random.default_rng(seed)
     k = min(shape)
@@ -241,12 +244,20 @@ def test_fuzz_retract_and_direction(shape, manifold, log_scale, rank_frac, dtype
         assert float(jnp.max(manifold.tangent_violation(W, phi))) <= 1e-4
 
 
+# Jitted once, with the manifold static (a frozen dataclass), so that examples of the same
+# shape, dtype and manifold reuse one compilation (a lambda per example recompiled each time).
+_project = jax.jit(lambda y, manifold: mo.project_params(y, manifold), static_argnums=1)
+_exact_direction = jax.jit(
+    lambda g, w, manifold: manifold.steepest_direction(g, w, "exact"), static_argnums=2
+)
+
+
 def _retract(manifold, x):
-    return jax.jit(lambda y: mo.project_params(y, manifold))(x)
+    return _project(x, manifold)
 
 
 def _direction(manifold, g, w):
-    return jax.jit(lambda g, w: manifold.steepest_direction(g, w, "exact"))(g, w)
+    return _exact_direction(g, w, manifold)
 
 
 def test_sphere_on_a_vector_trains_on_the_hypersphere(rng):
