@@ -246,18 +246,10 @@ def test_fuzz_retract_and_direction(shape, manifold, log_scale, rank_frac, dtype
 
 # Jitted once, with the manifold static (a frozen dataclass), so that examples of the same
 # shape, dtype and manifold reuse one compilation (a lambda per example recompiled each time).
-_project = jax.jit(lambda y, manifold: mo.project_params(y, manifold), static_argnums=1)
-_exact_direction = jax.jit(
-    lambda g, w, manifold: manifold.steepest_direction(g, w, "exact"), static_argnums=2
+_retract = jax.jit(lambda manifold, x: mo.project_params(x, manifold), static_argnums=0)
+_direction = jax.jit(
+    lambda manifold, g, w: manifold.steepest_direction(g, w, "exact"), static_argnums=0
 )
-
-
-def _retract(manifold, x):
-    return _project(x, manifold)
-
-
-def _direction(manifold, g, w):
-    return _exact_direction(g, w, manifold)
 
 
 def test_sphere_on_a_vector_trains_on_the_hypersphere(rng):
