@@ -484,12 +484,12 @@ class SpectralSphere(Manifold):
     the Ritz value of a warm-started ``block``-vector subspace (default 32; it is a lower
     bound, so ``σ_max ≥ r`` after the step). Measured after every one of the digits demo's
     600 steps (``benchmarks/spectral_accuracy.py [--block B]``), the worst ``|‖W‖₂ − r|/r``:
-    9.0e-7 with the default degree-6 filter (median 1.6e-7); block 16 left 2.8e-5 (degree 6)
-    and 4.6e-6 (degree 8), block 8 4.7e-4 (degree 6). ``exact_norm=True`` reads ``‖V‖₂``
+    2.3e-7 with the default degree-6 filter (median 7.6e-8); block 16 left 1.4e-5 (degree 6)
+    and 3.1e-6 (degree 8), block 8 2.1e-4 (degree 6). ``exact_norm=True`` reads ``‖V‖₂``
     from the top eigenvalue of the short-side Gram matrix instead: exact, but an m×m eigensolve per step (on a 2-core
     CPU the reference tree's step went from ~1.3× to ~4.6× the roofline). ``chebyshev=False``
     refines the warm block with plain power steps instead of the filter (the same products;
-    on the demo, 6 power steps left a worst violation of 3.6e-5 against the filter's 9.0e-7)."""
+    on the demo, 6 power steps left a worst violation of 3.8e-5 against the filter's 2.3e-7)."""
 
     radius: float = 1.0
     block: int = 32

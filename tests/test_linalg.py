@@ -204,8 +204,9 @@ def test_chebyshev_filter_beats_power_steps_on_a_flat_top_spectrum(wide):
     # The spectral sphere's situation: a slowly decaying top spectrum (σ_j = 1 − 0.004j, so
     # σ₁₇/σ₁ = 0.936 for a 16-vector block) and a warm block from a nearby matrix (the
     # previous step's). Six degree-6 filter steps must land within 5e-6 of σ₁ (a float64 SVD)
-    # and be ≥ 4× closer than six power steps (measured: 2.0e-6 vs 1.6e-5); a sign or scale
-    # error in the three-term recurrence, or a b above λ₁, loses that.
+    # and be ≥ 4× closer than six power steps (measured: 6.6e-7 vs 9.4e-6; 2.0e-6 vs 1.6e-5
+    # before the checked power steps after Rayleigh–Ritz); a sign or scale error in the
+    # three-term recurrence, or a b above λ₁, loses that.
     from manifold_optax.linalg import top_singular_subspace
 
     rng = np.random.default_rng(0)
