@@ -607,8 +607,8 @@ def top_singular_subspace(
     grows like ``e^{2k√(λ/b−1)}`` above it, where power steps grow like ``(λ/b)^k`` (Zhou &
     Saad 2007); the same products. With the flat top spectrum the spectral sphere produces,
     this is what makes a few steps enough: on the digits demo's spectral-sphere layers, the
-    worst ``|σ̂₁ − σ₁|/σ₁`` over training was 2.3e-7 with 6 filter steps against 3.8e-5 with 6
-    power steps (2.3e-5 with 10; ``benchmarks/spectral_accuracy.py``). Cold starts always take
+    worst ``|σ̂₁ − σ₁|/σ₁`` over training was 4.4e-7 with 6 filter steps against 6.1e-5 with 6
+    power steps (1.5e-5 with 10; ``benchmarks/spectral_accuracy.py``). Cold starts always take
     power steps (with a QR every 4).
 
     ``gram=True`` forms the short-side Gram ``AᵀA`` once (one compute-bound product) and

@@ -102,12 +102,12 @@ def manifold_step(
       power_iters: the degree of the spectral sphere retraction's warm Chebyshev-filtered
         block iteration (as in :func:`~manifold_optax.retract`; each degree is an ``s×s``
         by ``s×p`` product with the Gram). Measured after every one of the digits demo's 600
-        steps (``benchmarks/spectral_accuracy.py``), the worst ``|‖W‖₂ − r|/r``: 6.0e-5 with
-        2, 5.9e-6 with 3, 2.3e-5 with 4 (one step of its own trajectory; median 1.7e-7),
-        2.3e-7 with 6 (the default), 2.0e-7 with 8; plain power steps left 3.8e-5 with 6 and
-        2.3e-5 with 10. A lower degree buys little time: on step_bench's tree (2 CPU cores)
-        the step measured 1.20× ``muon``'s with 2 (quartiles over rounds 1.13–1.31) and 1.30×
-        with 6 (1.24–1.53).
+        steps (``benchmarks/spectral_accuracy.py``), the worst ``|‖W‖₂ − r|/r``: 2.5e-5 with
+        2, 7.4e-6 with 3, 4.5e-6 with 4, 4.4e-7 with 6 (the default), 2.8e-7 with 8; plain
+        power steps left 6.1e-5 with 6 and 1.5e-5 with 10 (each run is one training
+        trajectory, and round-off moves its worst step by up to 2× between versions). A lower
+        degree buys little time: on step_bench's tree (2 CPU cores) the step measured 1.21×
+        ``muon``'s with 2 (quartiles over rounds 1.07–1.49) and 1.21× with 6 (1.13–1.34).
     """
     cfg = _solver_config(solver, exact_config, inner_steps, dual_learning_rate)
     ms_kwargs = dict(steps=ns_steps, coeffs=ns_coeffs, compute_dtype=compute_dtype)

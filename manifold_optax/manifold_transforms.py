@@ -456,9 +456,10 @@ def retract(
     exactly on the manifold; goes last in a chain (after the learning rate).
 
     Retractions: ``Sphere`` ``r·V/‖V‖_F``; ``SpectralSphere`` ``r·V/‖V‖₂`` with ``‖V‖₂`` the
-    Ritz value of a warm-started block after a degree-``power_iters`` Chebyshev filter (see
+    Ritz value (refined by two checked power steps) of a warm-started block after a
+    degree-``power_iters`` Chebyshev filter (see
     :func:`~manifold_optax.linalg.top_singular_subspace`; on the digits demo 6 keep the
-    layers within 2.3e-7 of ``r`` at every step); ``Stiefel`` the polar factor of ``V``, by
+    layers within 4.4e-7 of ``r`` at every step); ``Stiefel`` the polar factor of ``V``, by
     normalizing with the RMS singular value and quintic Newton–Schulz polishing (``V`` is within
     O(η²) of orthonormal after a tangent step), in float32 at HIGHEST matmul precision. Leaves
     without a manifold pass through. bfloat16 parameters are retracted in float32 and rounded.

@@ -481,15 +481,16 @@ class SpectralSphere(Manifold):
     singular value (MATH.md §3). Training drives many singular values up to ``r``; a single
     power vector's estimate of ``‖V‖₂`` then lags by the width of that cluster (measured on
     the digits demo's 256×256 layer: 4.4e-3 with an 8-vector block), so the retraction uses
-    the Ritz value of a warm-started ``block``-vector subspace (default 32; it is a lower
-    bound, so ``σ_max ≥ r`` after the step). Measured after every one of the digits demo's
-    600 steps (``benchmarks/spectral_accuracy.py [--block B]``), the worst ``|‖W‖₂ − r|/r``:
-    2.3e-7 with the default degree-6 filter (median 7.6e-8); block 16 left 1.4e-5 (degree 6)
-    and 3.1e-6 (degree 8), block 8 2.1e-4 (degree 6). ``exact_norm=True`` reads ``‖V‖₂``
+    the Ritz value (refined by two checked power steps) of a warm-started ``block``-vector
+    subspace (default 32; it is a lower bound, so ``σ_max ≥ r`` after the step). Measured
+    after every one of the digits demo's 600 steps (``benchmarks/spectral_accuracy.py
+    [--block B]``), the worst ``|‖W‖₂ − r|/r``: 4.4e-7 with the default degree-6 filter
+    (median 7.3e-8); block 16 left 3.8e-5 (degree 6) and 1.3e-5 (degree 8), block 8 2.8e-4
+    (degree 6). ``exact_norm=True`` reads ``‖V‖₂``
     from the top eigenvalue of the short-side Gram matrix instead: exact, but an m×m eigensolve per step (on a 2-core
     CPU the reference tree's step went from ~1.3× to ~4.6× the roofline). ``chebyshev=False``
     refines the warm block with plain power steps instead of the filter (the same products;
-    on the demo, 6 power steps left a worst violation of 3.8e-5 against the filter's 2.3e-7)."""
+    on the demo, 6 power steps left a worst violation of 6.1e-5 against the filter's 4.4e-7)."""
 
     radius: float = 1.0
     block: int = 32
@@ -569,7 +570,8 @@ class SpectralSphere(Manifold):
 
     def norm2(self, W, aux=None):
         """``‖W‖₂``: exact (the largest eigenvalue of the short-side Gram, which is
-        well-conditioned) when ``exact_norm``; else the Ritz value of the warm block."""
+        well-conditioned) when ``exact_norm``; else the estimate from the warm block
+        (:func:`~manifold_optax.linalg.top_singular_subspace`)."""
         W32 = jnp.asarray(W, jnp.float32)
         if self.exact_norm or aux is None:
             A = _cross(W32, W32)
