@@ -531,10 +531,13 @@ def _checked_power_step(apply, z, fallback, steps: int = 2):
     multiplies ``[*b, s, k]`` blocks by it); ``z``, ``fallback``: ``[*b, s]``."""
     X = jnp.stack([z, fallback], axis=-1)
     Y = apply(X)
-    q = _rayleigh_quotients(X, Y)  # from the vectors themselves (the Ritz vector's Gram-based
-    # norm is off by up to ~3e-4 in a collapsed block: enough to win against a worse vector)
+    # From the vectors themselves (the Ritz vector's Gram-based norm is off by up to ~3e-4 in
+    # a collapsed block: enough to win against a worse vector).
+    xx = jnp.sum(X * X, axis=-2)
+    xx = jnp.where(xx > 0, xx, 1.0)
+    q = jnp.sum(X * Y, axis=-2) / xx
     R = Y - q[..., None, :] * X
-    res = jnp.sum(R * R, axis=-2) / jnp.maximum(jnp.sum(X * X, axis=-2), 1e-30)
+    res = jnp.sum(R * R, axis=-2) / xx
     close = jnp.abs(q[..., 0] - q[..., 1]) <= _QUOTIENT_TIE * jnp.maximum(q[..., 0], q[..., 1])
     ritz = jnp.where(close, res[..., 0] <= res[..., 1], q[..., 0] >= q[..., 1])[..., None]
     x = jnp.where(ritz, X[..., 0], X[..., 1])
