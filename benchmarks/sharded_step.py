@@ -39,6 +39,10 @@ SHAPES = {
     "e": (128, 128),
     "bias": (64,),
 }
+#: ``--quick`` (the test suite's run): the same kinds of leaf — wide, tall, two same-shape
+#: squares, a vector — without the largest matrix, so that compiling the 8-device programs
+#: takes less time (the power block of a matrix much smaller would dominate its bytes).
+QUICK_SHAPES = {"a": (64, 128), "b": (128, 64), "c": (64, 64), "d": (64, 64), "bias": (64,)}
 
 
 def make_params(manifold):
@@ -163,9 +167,12 @@ def run(name, mesh_kind, strategy, steps=2, time_reps=5):
 def main():
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--json", default=None)
-    ap.add_argument("--quick", action="store_true", help="gather strategy only")
+    ap.add_argument("--quick", action="store_true", help="gather strategy only, small matrices")
     a = ap.parse_args()
     assert len(jax.devices()) == 8, jax.devices()
+    global SHAPES
+    if a.quick:
+        SHAPES = QUICK_SHAPES
     rows = []
     strategies = ("gather",) if a.quick else ("gather", "owner", "none")
     for name in ("muon", "sphere", "spectral_sphere", "stiefel"):
@@ -173,7 +180,7 @@ def main():
             for strategy in strategies:
                 if strategy != "gather" and mesh_kind == "2d":
                     continue
-                rows.append(run(name, mesh_kind, strategy))
+                rows.append(run(name, mesh_kind, strategy, time_reps=1 if a.quick else 5))
     print(
         "| optimizer | mesh | strategy | max rel diff | shardings ok | bytes moved / matrix bytes |"
         " collective results / matrix bytes | step ms |"

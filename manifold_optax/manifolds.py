@@ -383,7 +383,7 @@ class Manifold:
             new_hi = jnp.where(go_lo, mid, hi)
             new_hlo = jnp.where(go_lo, jnp.where(side == 1, 0.5 * hlo, hlo), hm)
             new_hhi = jnp.where(go_lo, hm, jnp.where(side == -1, 0.5 * hhi, hhi))
-            side = jnp.where(go_lo, -1, 1)
+            side = jnp.where(go_lo, -1, 1).astype(side.dtype)  # int32 under x64 too
             return new_lo, new_hi, new_hlo, new_hhi, side, i + 1
 
         def not_done(c):

@@ -20,7 +20,7 @@ def _sv(x):
 @pytest.mark.parametrize("shape, rank", [((128, 128), 128), ((512, 512), 512), ((96, 640), 96)])
 @pytest.mark.parametrize("scale", [1e-4, 1.0, 1e4])
 def test_eight_steps_float32_accuracy_target(rng, shape, rank, scale):
-    # Issue 2 acceptance: σ log-uniform on [1e-3, 1]·σ_max, rank ≤ 512 → every σ within 2e-3 of 1.
+    # The float32 accuracy target: σ log-uniform on [1e-3, 1]·σ_max, rank ≤ 512 → every σ within 2e-3 of 1.
     g = scale * matrix_with_spectrum(rng, *shape, log_uniform_spectrum(rng, rank, 1e-3))
     s = _sv(mo.msign(jnp.asarray(g, jnp.float32), steps=8))[:rank]
     assert np.abs(s - 1).max() <= 2e-3
