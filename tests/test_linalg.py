@@ -203,10 +203,12 @@ def test_norms_and_top_pair(rng):
 def test_chebyshev_filter_beats_power_steps_on_a_flat_top_spectrum(wide):
     # The spectral sphere's situation: a slowly decaying top spectrum (σ_j = 1 − 0.004j, so
     # σ₁₇/σ₁ = 0.936 for a 16-vector block) and a warm block from a nearby matrix (the
-    # previous step's). Six degree-6 filter steps must land within 5e-6 of σ₁ (a float64 SVD)
-    # and be ≥ 4× closer than six power steps (measured: 6.6e-7 vs 9.4e-6; 2.0e-6 vs 1.6e-5
-    # before the checked power steps after Rayleigh–Ritz); a sign or scale error in the
-    # three-term recurrence, or a b above λ₁, loses that.
+    # previous step's). Six degree-6 filter steps must land within 5e-6 of σ₁ (a float64 SVD;
+    # 40 ε_f32, the round-off of a Ritz value from float32 products of length ≤ 192) and be
+    # ≥ 4× closer than six power steps (same products; the filter's degree-6 Chebyshev
+    # polynomial separates σ₁ from the band [0, σ₁₇] far faster than the sixth power
+    # 0.936⁶ = 0.67); a sign or scale error in the three-term recurrence, or a b above λ₁,
+    # loses that.
     from manifold_optax.linalg import top_singular_subspace
 
     rng = np.random.default_rng(0)
@@ -231,12 +233,12 @@ def test_chebyshev_filter_beats_power_steps_on_a_flat_top_spectrum(wide):
 def test_warm_block_iteration_survives_a_block_collapsed_onto_a_separated_top(gap):
     # σ₁ = gap·σ₂: the degree-6 filter aligns the warm block's columns with the top direction,
     # the block's Gram is numerically rank one, and the whitened projection in _ritz_top
-    # carries spurious eigenvalues as large as λ₁. Before the checked power steps, at gap 3
-    # seeds 0 and 9 came out with σ₁ = 0 (the retraction then left W unscaled) and the others'
-    # Θ = u₁v₁ᵀ was off by up to 4e-3 (at gap 1.5 by up to 9e-4). Now σ₁ within 1e-6 (float32
-    # round-off: measured ≤ 1.6e-7) and Θ within 2e-6 of the float64 top pair (measured
-    # ≤ 5.1e-7 at either gap; picking the start by Rayleigh quotient alone, with no residual
-    # tie-break, left 4.9e-6 at gap 3, seed 17, and 1.1e-4 at gap 1.5 in another draw).
+    # carries spurious eigenvalues as large as λ₁: picking the largest of them gives σ₁ = 0
+    # (the retraction then leaves W unscaled) or a Θ = u₁v₁ᵀ off by 1e-3. The checked power
+    # steps must give σ₁ to float32 round-off (1e-6 ≈ 8 ε_f32: a Rayleigh quotient is second
+    # order in its vector's error) and Θ within 2e-6 (16 ε_f32) of the float64 top pair, on
+    # 20 seeds at either gap (a start picked by Rayleigh quotient alone, without the
+    # residual tie-break, misses 2e-6 on some of them).
     from manifold_optax.linalg import top_singular_subspace
 
     warm_run = jax.jit(lambda x, v0: top_singular_subspace(x, v0, 6, 32))
@@ -283,7 +285,7 @@ def test_unrolled_warm_block_iteration_matches_the_loop_and_drops_its_loops(monk
     cholesky_maps = 1 if jax.default_backend() == "cpu" else 0
     assert loops == {False: 2 + cholesky_maps, True: cholesky_maps}, loops
     # σ to float32 round-off. The Ritz vectors come out of a nearly rank-deficient filtered
-    # block, which amplifies round-off in their entries (measured 7e-5), not in their angle.
+    # block, which amplifies round-off in their entries, not in their angle: compare angles.
     np.testing.assert_allclose(np.asarray(outs[False][0]), np.asarray(outs[True][0]), rtol=1e-6)
     for a, b in zip(outs[False][1:3], outs[True][1:3], strict=True):
         cos = np.abs(np.sum(np.asarray(a, np.float64) * np.asarray(b, np.float64), axis=-1))

@@ -236,6 +236,9 @@ def test_fuzz_retract_and_direction(shape, manifold, log_scale, rank_frac, dtype
     assert R.shape == X.shape and R.dtype == X.dtype
     assert np.all(np.isfinite(np.asarray(R, np.float32)))
     well_posed = rank == k if manifold is STIEFEL else rank > 0
+    # bfloat16: rounding the retracted entries (relative ≤ 2⁻⁹ each) moves ‖·‖_F by ≤ 2⁻⁹,
+    # ‖·‖₂ by ≤ 2⁻⁹·√k and WᵀW − I's entries by ≤ 2·2⁻⁹: at most 2⁻⁸·√8 ≈ 1.1e-2 here.
+    # float32: 1e-5 ≈ 80 ε_f32 (the retractions' products over ≤ 16-long sums).
     tol = 1e-5 if dtype == "float32" else 2e-2
     if well_posed:
         assert float(manifold.distance(R)) <= tol
