@@ -298,7 +298,7 @@ def test_lower_inverse_is_exact_for_every_block_size():
     from manifold_optax.linalg import _lower_inverse
 
     rng = np.random.default_rng(0)
-    for p in (1, 2, 3, 4, 5, 16, 17, 32, 33):
+    for p in (1, 2, 3, 5, 17, 33):  # each just above a power of two, and the smallest
         a = rng.standard_normal((2, p, p))
         L = np.linalg.cholesky(a @ a.transpose(0, 2, 1) + p * np.eye(p))
         Li = np.asarray(_lower_inverse(jnp.asarray(L, jnp.float32)), np.float64)
@@ -350,7 +350,7 @@ def test_matmul_only_rayleigh_ritz_resolves_a_cluster(duplicate):
 _msign8 = jax.jit(lambda x: mo.msign(x, steps=8))
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=20, deadline=None)
 @given(
     rows=st.integers(1, 64),
     cols=st.integers(1, 64),

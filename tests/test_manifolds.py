@@ -737,6 +737,7 @@ def test_training_retraction_takes_each_branch_to_the_polar_factor(shape, rng):
         assert float(m.distance(jnp.asarray(out, jnp.float32))) < 2e-6
 
 
+@pytest.mark.slow
 def test_many_batched_spectral_groups_do_not_deadlock():
     """Three same-shape groups of spectral-sphere leaves in one jitted step: batched LAPACK
     calls scheduled concurrently deadlocked XLA's CPU thread pool (linalg.per_matrix)."""

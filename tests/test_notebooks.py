@@ -30,6 +30,7 @@ def _with_small_sizes(nb, source):
     return nb
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
 def test_notebook_runs_and_its_claims_hold(path):
     nb = nbformat.read(path, as_version=4)
