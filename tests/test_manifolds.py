@@ -69,9 +69,9 @@ def test_solvers_under_x64(m, dtype, rng):
     # tol = 1e-6, a bracket 1e-7 wide), and the gap is first order in the residual,
     # ⟨Y, C_W(Φ)⟩ ≤ ‖Y‖·‖C_W(Φ)‖ with ‖Y‖ = O(√m) in normalized units against a value of
     # O(m): ≤ 10·tol; the final tangent projection is exact to float64 round-off
-    # (ε·m ≈ 1e-14 ≪ 1e-10). The spectral
-    # sphere's Θ comes from a float32 block iteration, so its float64 results are float32's.
-    # (The spheres' "fixed_point" is the same regula falsi as "exact".)
+    # (ε·m ≈ 1e-14 ≪ 1e-10). The spectral sphere's Θ comes from a float32 block iteration,
+    # so its float64 results are float32's. (The spheres' "fixed_point" is the same regula
+    # falsi as "exact".)
     shape = (24, 12)
     precise = dtype == "float64" and not isinstance(m, mo.SpectralSphere)
     config = mo.manifolds.SolverConfig()
@@ -144,8 +144,9 @@ def _normalized_dual(m, G, W, Y, aux):
 @pytest.mark.parametrize("m", MANIFOLDS, ids=lambda m: type(m).__name__)
 def test_dual_ascent_moves_the_multiplier_towards_the_dual_minimum(m, rng):
     # The "dual_ascent" solver runs k steps Y ← Y − η₂·C_W(Φ) from a warm start Y₀ (here 0:
-    # the projection's multiplier, its default start, is near-optimal for the spheres). Its direction is projected onto the tangent space (Stiefel) or rescaled by the
-    # retraction (spheres) whatever Y is, so the check is on the multiplier itself: the dual
+    # the projection's multiplier, its default start, is near-optimal for the spheres). Its
+    # direction is projected onto the tangent space (Stiefel) or rescaled by the retraction
+    # (spheres) whatever Y is, so the check is on the multiplier itself: the dual
     # objective D(Y) = ‖Ĝ + C_W*(Y)‖_* (convex, minimized by the exact solver's Y*) must close
     # most of its gap, D(Y_k) − D(Y*) ≤ ½·(D(Y₀) − D(Y*)), and the raw residual
     # C_W(msign(Ĝ + C_W*(Y_k))) must shrink below ½ of Y₀'s. η₂ = 0 leaves both at Y₀, a
