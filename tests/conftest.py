@@ -5,8 +5,8 @@ import os
 # The suite checks properties of the programs (the HLO that XLA optimizes), not their speed,
 # and it is bound by compilation: most of a CPU compile is LLVM optimizing the generated code,
 # which leaves the program's operations as they are. So the tests (and the subprocesses and
-# notebook kernels they start, which inherit the environment) compile at backend level 0,
-# about 1.5× faster here; set MANIFOLD_OPTAX_TEST_FULL_OPT=1 to test the fully optimized code.
+# notebook kernels they start, which inherit the environment) compile at backend level 0;
+# set MANIFOLD_OPTAX_TEST_FULL_OPT=1 to test the fully optimized code.
 # This must run before jax is imported.
 if not os.environ.get("MANIFOLD_OPTAX_TEST_FULL_OPT"):
     os.environ["XLA_FLAGS"] = (

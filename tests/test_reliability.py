@@ -209,8 +209,8 @@ def test_manifold_muon_no_retrace_with_injected_learning_rate(rng):
 _SHAPES = [(8, 8), (12, 5), (5, 12), (16, 3)]
 
 
-# 12 examples: each new (shape, manifold, dtype) compiles the exact solver (seconds on 2
-# cores); under CI the draws are fixed, elsewhere each run explores new ones.
+# 12 examples: each new (shape, manifold, dtype) compiles the exact solver once more; under
+# CI the draws are fixed, elsewhere each run explores new ones.
 @settings(max_examples=12, deadline=None)
 @given(
     shape=st.sampled_from(_SHAPES),
