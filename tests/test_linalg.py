@@ -283,7 +283,7 @@ def test_unrolled_warm_block_iteration_matches_the_loop_and_drops_its_loops(monk
     # compute (the same operations: float32 round-off only) and lower to a program with
     # exactly those two while loops fewer (on CPU one stays: per_matrix's one-at-a-time
     # Cholesky, a batched call on other backends).
-    from manifold_optax import linalg
+    from manifold_optax.linalg import spectral
 
     rng = np.random.default_rng(1)
     # A top singular value 10% above the rest, so the top pair is well conditioned.
@@ -294,8 +294,8 @@ def test_unrolled_warm_block_iteration_matches_the_loop_and_drops_its_loops(monk
     warm = jnp.asarray(rng.standard_normal((3, 96, 16)), jnp.float32)
     outs, loops = {}, {}
     for unroll in (False, True):
-        monkeypatch.setattr(linalg, "_unroll_fixed_loops", lambda unroll=unroll: unroll)
-        run = jax.jit(lambda x, warm: linalg.top_singular_subspace(x, warm, 6, 16))
+        monkeypatch.setattr(spectral, "unroll_fixed_loops", lambda unroll=unroll: unroll)
+        run = jax.jit(lambda x, warm: spectral.top_singular_subspace(x, warm, 6, 16))
         outs[unroll] = run(x, warm)
         loops[unroll] = run.lower(x, warm).as_text().count("stablehlo.while")
     cholesky_maps = 1 if jax.default_backend() == "cpu" else 0
@@ -311,7 +311,7 @@ def test_unrolled_warm_block_iteration_matches_the_loop_and_drops_its_loops(monk
 def test_lower_inverse_is_exact_for_every_block_size():
     # The nilpotent product (I − N)(I + N²)(I + N⁴)··· must cover N^(p−1): one factor too few
     # leaves an O(1) error in the last subdiagonals for p just above a power of two.
-    from manifold_optax.linalg import _lower_inverse
+    from manifold_optax.linalg.spectral import _lower_inverse
 
     rng = np.random.default_rng(0)
     for p in (1, 2, 3, 5, 17, 33):  # each just above a power of two, and the smallest
@@ -327,7 +327,7 @@ def test_top_eigvec_squarings_do_not_underflow_on_a_flat_spectrum(p):
     # a normalization every eigenvalue is 1/p, and too many squarings before the next one
     # underflow the whole matrix to zero (then the result is the fallback e₀, not the top
     # eigenvector). Top eigenvalue 0.1% above the rest, in a random basis.
-    from manifold_optax.linalg import _squarings_between_normalizations, _top_eigvec_psd
+    from manifold_optax.linalg.spectral import _squarings_between_normalizations, _top_eigvec_psd
 
     k = _squarings_between_normalizations(p)
     assert k >= 1 and 2**k * np.log2(max(p, 2)) <= 100 < 2 ** (k + 1) * np.log2(max(p, 2))
@@ -344,7 +344,7 @@ def test_matmul_only_rayleigh_ritz_resolves_a_cluster(duplicate):
     # The Ritz value must be λ₁ to float32 accuracy (2e-7 relative; the squaring's bound is
     # p/(2e·2²⁴) = 2e-7), and the vector must be the top one. With a duplicated column the
     # Gram of the block is singular: the shifted Cholesky must still give finite results.
-    from manifold_optax.linalg import _ritz_top
+    from manifold_optax.linalg.spectral import _ritz_top
 
     rng = np.random.default_rng(1)
     s, p = 64, 8

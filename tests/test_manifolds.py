@@ -374,7 +374,7 @@ def test_manifold_muon_power_iters_sets_the_spectral_retractions_accuracy():
 def test_manifold_muon_keeps_a_separated_top_on_the_spectral_sphere():
     # The opposite of a flat top: σ₁ = 3σ₂. The warm block's filter collapses every column
     # onto the top direction, where a Ritz step alone can give σ̂ = 0 and leave V unscaled
-    # (0.51 off the sphere within 30 steps; linalg._checked_power_step has the mechanism).
+    # (0.51 off the sphere within 30 steps; linalg.spectral._checked_power_step has the mechanism).
     # Float32 round-off of a Ritz value leaves a few ε_f32 per step (1e-5 ≈ 80 ε_f32 over
     # 30 steps), far below that failure.
     rng = np.random.default_rng(0)
