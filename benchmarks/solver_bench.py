@@ -29,6 +29,12 @@ from _timing import time_interleaved  # noqa: E402
 
 import manifold_optax as mo  # noqa: E402
 from manifold_optax import manifolds as M  # noqa: E402
+from manifold_optax.manifolds import stiefel  # noqa: E402
+
+
+def _sym(a):
+    return 0.5 * (a + a.T)
+
 
 TOL = 1e-6
 
@@ -42,13 +48,13 @@ def problem(n, m, seed=0):
 
 
 def violation(W, Phi):
-    R = M._sym(W.T @ Phi)
+    R = _sym(W.T @ Phi)
     return float(jnp.linalg.norm(R) / jnp.linalg.norm(Phi))
 
 
 def run_shape(n, m, max_iters, da_cap):
     W, G = problem(n, m)
-    X0 = -M._sym(W.T @ G)
+    X0 = -_sym(W.T @ G)
     rows = {}
     msign_fn = jax.jit(lambda x: mo.msign(x))
     if n == m:
@@ -62,8 +68,8 @@ def run_shape(n, m, max_iters, da_cap):
         }
         return rows
     cfg = M.SolverConfig(tol=TOL, max_iters=max_iters)
-    for name, fn in (("exact", M._stiefel_anderson), ("fixed_point", M._stiefel_fixed_point)):
-        f = jax.jit(lambda G, W, X0, fn=fn: fn(G, W, X0, cfg))
+    for name, anderson in (("exact", True), ("fixed_point", False)):
+        f = jax.jit(lambda G, W, X0, a=anderson: stiefel.su_solve(G, W, X0, cfg, anderson=a))
         Phi, _, iters = f(G, W, X0)
         t = time_interleaved({"s": f, "ms": msign_fn}, {"s": (G, W, X0), "ms": (G,)}, reps=3)
         rows[name] = {
@@ -75,7 +81,7 @@ def run_shape(n, m, max_iters, da_cap):
     # Dual ascent / online: constant-step dual gradient descent, accurate msign.
     step = jax.jit(
         lambda X: (
-            X - 0.1 * M._sym(W.T @ mo.msign(G + W @ X, steps=10)),
+            X - 0.1 * _sym(W.T @ mo.msign(G + W @ X, steps=10)),
             mo.msign(G + W @ X, steps=10),
         )
     )
@@ -106,7 +112,7 @@ def heuristic(n=64, m=32, seed=0):
     G = jnp.asarray(rng.standard_normal((n, m)))
     st = M.Stiefel()
     exact = st.steepest_direction(G, W, "exact")
-    raw = mo.msign_svd(G - W @ M._sym(W.T @ G))
+    raw = mo.msign_svd(G - W @ _sym(W.T @ G))
     feas = st.project_tangent(W, raw)
     feas = feas / jnp.linalg.norm(feas, ord=2)
     return {

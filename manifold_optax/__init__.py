@@ -10,31 +10,30 @@ from manifold_optax.linalg import (
     spectral_norm,
     top_singular_pair,
 )
-from manifold_optax.manifold_step import ManifoldStepState, manifold_step
-from manifold_optax.manifold_transforms import (
-    DualAscentState,
-    RetractState,
-    by_shape,
-    diagnostics,
-    dual_ascent,
-    project_params,
-    resolve_manifolds,
-    retract,
-)
 from manifold_optax.manifolds import Manifold, SolverConfig, SpectralSphere, Sphere, Stiefel
 from manifold_optax.norms import NORMS, dual_norm, dualize_array, primal_norm
 from manifold_optax.schedules import get_schedule, polar_express_coefficients
 from manifold_optax.sharding import MsignSharding, collective_bytes, state_shardings
 from manifold_optax.transforms import (
+    DualAscentState,
+    ManifoldStepState,
     MomentumState,
+    RetractState,
+    by_shape,
+    diagnostics,
+    dual_ascent,
     dualize,
+    manifold_step,
     momentum,
     orthogonalize,
+    project_params,
+    resolve_manifolds,
+    retract,
     scale_by_modular_norm,
     scale_by_shape,
 )
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "__version__",

@@ -4,7 +4,7 @@ A leaf is viewed as ``[batch, fan_in, fan_out]``: the axes named by a ``MuonDime
 spec (reduction = fan-in, output = fan-out) become the matrix, the rest a batch. Without a spec
 the last two axes are the matrix (Flax's ``(in, out)`` kernels; layers stacked by ``nnx.scan``
 lead). Leaves of the same matrix shape and dtype are stacked and orthogonalized by one batched
-msign call, which keeps the hardware busy (issue 6).
+msign call, which keeps the hardware busy.
 """
 
 from __future__ import annotations
@@ -106,9 +106,8 @@ def grouped_msign(
     each array as it comes (its own batch); ``None`` (the default) stacks on GPU/TPU, and on
     CPU only matrices with a short side below ``CPU_PER_MATRIX_MIN_SIDE`` (128): larger ones
     run one matrix at a time as 2-D products, whose working set stays in cache, with no
-    copies into and out of a stack (2 CPU cores, 16 matrices: 512×512 batched 213–231 ms,
-    one at a time 170–183 ms; 256×256 22–30 against 23–25 ms; 64×64 batched 3.2 against
-    5.0 ms one at a time). ``sharding`` turns the CPU rule off (stacks stay whole).
+    copies into and out of a stack (``benchmarks/msign_bench.py`` compares the two).
+    ``sharding`` turns the CPU rule off (stacks stay whole).
 
     ``sharding`` (a :class:`~manifold_optax.sharding.MsignSharding`) places the computation:
     ``"gather"`` replicates each input (one all-gather) and computes whole matrices everywhere;

@@ -9,9 +9,15 @@ import optax
 
 from manifold_optax import norms as _norms
 from manifold_optax.labels import FALLBACK, MATRIX, label_params
-from manifold_optax.manifold_step import manifold_step
-from manifold_optax.manifold_transforms import DEFAULT_INIT_TOLERANCE, resolve_manifolds
-from manifold_optax.transforms import dualize, momentum, orthogonalize, scale_by_shape
+from manifold_optax.transforms import (
+    DEFAULT_INIT_TOLERANCE,
+    dualize,
+    manifold_step,
+    momentum,
+    orthogonalize,
+    resolve_manifolds,
+    scale_by_shape,
+)
 
 __all__ = ["muon", "manifold_muon", "trust_region", "adamw_fallback", "param_labels_fn"]
 
@@ -159,7 +165,7 @@ def trust_region(
     weight_dimension_numbers=None,
     **dualize_kwargs,
 ) -> optax.GradientTransformation:
-    r"""Kovalev's non-Euclidean trust-region method with momentum (seed 003, arXiv:2503.12645).
+    r"""Kovalev's non-Euclidean trust-region method with momentum (arXiv:2503.12645; ``docs/math.md``, Trust region with momentum).
 
     ``m ← β·m + (1−β)·g`` (momentum *before* the map), then
     ``x ← argmin_{‖x − x_k‖ ≤ η} ⟨m, x⟩ = x_k − η·dualize(m)``. With ``radius=ρ`` (the
@@ -255,6 +261,7 @@ def manifold_muon(
         raise ValueError(f"fallback must be 'adamw' or 'muon', got {fallback!r}")
     if adam_learning_rate is None:
         adam_learning_rate = learning_rate
+    labels = manifold_labels_fn(manifold)
     manifold_tx = optax.chain(
         momentum(beta, nesterov=nesterov, bias_correction=bias_correction, mu_dtype=mu_dtype),
         manifold_step(
@@ -300,6 +307,4 @@ def manifold_muon(
             adam_weight_decay=adam_weight_decay,
             sharding=sharding,
         )
-    return optax.partition(
-        {MANIFOLD: manifold_tx, FALLBACK: fallback_tx}, manifold_labels_fn(manifold)
-    )
+    return optax.partition({MANIFOLD: manifold_tx, FALLBACK: fallback_tx}, labels)

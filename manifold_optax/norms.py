@@ -1,4 +1,5 @@
-"""Dualize maps and dual norms (MATH.md §1; Bernstein & Newhouse, "Old Optimizer, New Norm").
+"""Dualize maps and dual norms (``docs/math.md``, Steepest descent under a norm; Bernstein &
+Newhouse, "Old Optimizer, New Norm").
 
 For a norm ``‖·‖`` the steepest-descent direction is ``dualize(g) = argmax_{‖t‖ = 1} ⟨g, t⟩``
 and its size is the dual norm ``‖g‖† = max_{‖t‖ = 1} ⟨g, t⟩``. Matrices use Flax's layout
@@ -18,7 +19,7 @@ column     max_j RMS(col_j)  (RMS→ℓ∞ / d_in)      each column at unit RMS 
 
 ``column`` is the RMS→ℓ∞ operator norm ``√d_in·max_j‖col_j‖₂`` divided by ``d_in`` so that its
 unit sphere is "every column at unit RMS" (the same direction; only the step's scale differs
-from the operator-norm convention of MATH.md's table). A zero row, column or matrix dualizes to
+from the operator-norm convention of ``docs/math.md``'s table). A zero row, column or matrix dualizes to
 zero. These functions take single arrays; :func:`manifold_optax.dualize` maps them over a tree.
 """
 

@@ -1,7 +1,7 @@
 """Newton–Schulz coefficient schedules for the matrix sign (polar factor).
 
 Every schedule is a ``(k, 3)`` table of odd-quintic coefficients ``(a, b, c)``; step ``i``
-maps each singular value ``σ ↦ aσ + bσ³ + cσ⁵``. Three families (MATH.md §2):
+maps each singular value ``σ ↦ aσ + bσ³ + cσ⁵``. Three families (``docs/math.md``, Newton–Schulz):
 
 * **Jordan** (the Muon default, optax's ``"standard"``): ``(3.4445, −4.7750, 2.0315)`` at every
   step. Never converges to 1 — singular values end in ≈ [0.68, 1.13] — by design.
@@ -127,7 +127,7 @@ def polar_express_coefficients(
 ) -> np.ndarray:
     """Generate a Polar Express schedule (Amsel et al. 2025, Algorithm 1 with the cushion).
 
-    Greedy construction (MATH.md §2): start with ``l = lower, u = 1``; each step fits the
+    Greedy construction (``docs/math.md``, Newton–Schulz): start with ``l = lower, u = 1``; each step fits the
     minimax-optimal odd quintic on ``[max(l, cushion·u), u]``, rescales it so that
     ``p(l) + p(u) = 2``, then sets ``l ← p(l)``, ``u ← 2 − l``. With ``safety > 0`` every row
     but the last is divided as ``(a/s, b/s³, c/s⁵)``, ``s = 1 + safety``, which keeps round-off

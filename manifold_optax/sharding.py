@@ -1,8 +1,8 @@
 """Many devices: a deliberate msign strategy for sharded matrices, state shardings, and a
-collective-bytes counter read from compiled HLO (MATH.md §4).
+collective-bytes counter read from compiled HLO (``docs/math.md``, Many devices).
 
 Left to GSPMD, Newton–Schulz on a sharded matrix turns each step's Gram product into an
-all-reduce (3.3× slower steps in one public JAX project). We choose instead:
+all-reduce. The strategy is chosen on purpose instead:
 
 * ``"gather"`` (default; Moonlight's ZeRO-1 Muon): each sharded matrix is all-gathered once,
   every device runs the whole msign / dual step / retraction on it, and the result is sliced

@@ -6,7 +6,7 @@ import pathlib
 import manifold_optax as mo
 
 GROUPS = {
-    "Matrix functions (`linalg.py`, `schedules.py`)": [
+    "Matrix functions (`linalg/`, `schedules.py`)": [
         "msign",
         "msign_svd",
         "nuclear_norm",
@@ -17,7 +17,7 @@ GROUPS = {
         "get_schedule",
     ],
     "Norms (`norms.py`)": ["NORMS", "dualize_array", "dual_norm", "primal_norm"],
-    "Transformations (`transforms.py`, `manifold_transforms.py`, `manifold_step.py`)": [
+    "Transformations (`transforms/`)": [
         "momentum",
         "MomentumState",
         "orthogonalize",
@@ -32,7 +32,7 @@ GROUPS = {
         "ManifoldStepState",
     ],
     "Optimizers (`alias.py`)": ["muon", "manifold_muon", "trust_region"],
-    "Manifolds (`manifolds.py`)": [
+    "Manifolds (`manifolds/`, `transforms/`)": [
         "Manifold",
         "Sphere",
         "SpectralSphere",

@@ -134,7 +134,7 @@ save(
             "achievable descent on a random case (about 9% at 64×32)."
         ),
         new_code_cell(
-            "raw = mo.msign_svd(G - W @ M._sym(W.T @ G))\n"
+            "raw = mo.msign_svd(G - W @ (W.T @ G + G.T @ W) / 2)\n"
             "feas = st.project_tangent(W, raw); feas = feas / jnp.linalg.norm(feas, ord=2)\n"
             "h_raw, h = float(jnp.vdot(G, raw)), float(jnp.vdot(G, feas))\n"
             "print(f'exact {value:.1f}   heuristic (infeasible) {h_raw:.1f}   feasible {h:.1f}'\n"

@@ -335,9 +335,8 @@ def top_singular_subspace(
         # A whole number of 4-step chunks, so the block is orthonormal when Rayleigh–Ritz
         # starts: power steps after the last QR collapse the columns onto the top direction
         # (e.g. 2 steps at σ₂²/σ₁² = 0.46), and the shifted Cholesky in _ritz_top then
-        # cannot resolve the top vector within that near-rank-one block (a 1.6e-4 error in
-        # Θ = u₁v₁ᵀ on an 8×8 matrix, against 2e-8 from an orthonormal block; σ₁, a
-        # Rayleigh quotient, stayed within 1.3e-7).
+        # cannot resolve the top vector within that near-rank-one block (σ₁, a Rayleigh
+        # quotient, is unharmed).
         iters = 4 * math.ceil(max(int(iters), 30) / 4)
     else:
         V = jnp.asarray(v0, acc)

@@ -1,0 +1,324 @@
+"""The manifold template: a constraint, its adjoint, a multiplier and a retraction.
+
+At a point ``W`` the steepest unit step under the spectral norm that stays tangent solves
+
+.. math::
+
+   \\max_Φ \\operatorname{tr}(G^⊤Φ) \\quad\\text{s.t.}\\quad ‖Φ‖_2 ≤ 1,\\; C_W(Φ) = 0.
+
+Lagrangian duality gives ``Φ = msign(G + C_W*(Y))`` with ``Y`` minimizing the convex dual
+``‖G + C_W*(Y)‖_*``, whose gradient is the constraint residual ``C_W(Φ)`` (``docs/math.md``,
+The dual problem). A manifold is therefore described by its constraint ``C_W``, the adjoint
+``C_W*`` (``⟨Y, C_W(Φ)⟩ = ⟨C_W*(Y), Φ⟩``), the multiplier's shape and a retraction; the
+solvers (:mod:`~manifold_optax.manifolds.solvers`) differ only in how they find ``Y``.
+
+:class:`Manifold` also holds every hook the transformations call (the online dual step, the
+fused step with its retraction, a deferred retraction, the warm auxiliary state, the
+projection of fresh parameters), each with a generic default, so that a new manifold is one
+file that subclasses it and the transformations never ask which manifold they hold.
+
+Manifolds are frozen dataclasses: hashable static configuration, leaves of a spec tree,
+never traced. Arrays are ``[*batch, rows, cols]``; 0-D/1-D leaves are valid only where
+:attr:`Manifold.vector_ok` (read as a ``(1, d)`` row).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, NamedTuple
+
+import jax.numpy as jnp
+
+from manifold_optax.linalg import msign, singular_values
+from manifold_optax.manifolds import solvers
+from manifold_optax.manifolds._ops import HIGHEST, fro, inner, inverse_gradient_scale
+
+__all__ = ["Manifold", "SolverConfig", "PolishPlan", "SOLVERS", "is_manifold"]
+
+SOLVERS = ("exact", "fixed_point", "dual_ascent", "online")
+
+
+@dataclasses.dataclass(frozen=True)
+class SolverConfig:
+    """Options of the multiplier solvers.
+
+    Attributes:
+      ns_steps: Newton–Schulz steps of every msign inside a solver (10 Polar Express steps
+        reach float32 accuracy on spectra spanning ``[1e-3, 1]·σ_max``).
+      max_iters: iteration cap of the exact / fixed-point solvers.
+      tol: residual (relative tangent violation) at which the exact solvers stop.
+      inner_steps: dual-ascent steps per call (``"dual_ascent"``).
+      dual_learning_rate: ``η₂`` of the dual step, in units of the normalized gradient
+        (``None``: the manifold's :attr:`~Manifold.default_dual_learning_rate`).
+      cg_iters: conjugate-gradient iterations per Newton step (reserved for Newton solvers).
+      power_iters: degree of the warm-started block iteration that refreshes a manifold's
+        auxiliary state per call (the spectral sphere's ``Θ``; a cold start runs 30+).
+    """
+
+    ns_steps: int = 10
+    max_iters: int = 200
+    tol: float = 1e-6
+    inner_steps: int = 20
+    dual_learning_rate: float | None = None
+    cg_iters: int = 30
+    power_iters: int = 2
+
+
+class PolishPlan(NamedTuple):
+    """A retraction deferred to one polish step for all deferred leaves of a step
+    (:meth:`Manifold.begin_retraction`): ``X = V·p(A)·inv_c`` with a cheap or a standard
+    polynomial ``p``, chosen once for all leaves; ``fallback`` marks where neither is
+    certified."""
+
+    A: Any  # [b, m, m] the normalized Gram of V
+    inv_c: Any  # [b, 1, 1] its normalization
+    cheap_ok: Any  # [b] bool: the cheap polynomial is accurate
+    ok: Any  # [b] bool: the standard one is
+
+
+def is_manifold(x) -> bool:
+    """Whether ``x`` is a :class:`Manifold` (a leaf of a manifold spec)."""
+    return isinstance(x, Manifold)
+
+
+class Manifold:
+    """The template. A subclass defines the geometry (``constraint``, ``adjoint``,
+    ``multiplier_shape``, ``theta`` for a scalar multiplier, ``retract``, ``distance``) and
+    overrides a hook only where it has a cheaper or exact form of the generic one.
+
+    Class attributes:
+      vector_ok: 0-D/1-D leaves are allowed (as ``(1, d)`` rows).
+      default_dual_learning_rate: ``η₂`` when none is given.
+      project_dual_direction: the dual-ascent solvers return ``Φ`` projected onto the tangent
+        space (Stiefel: a normal component would cost the polar retraction extra polish
+        steps; the spheres keep it, their rescaling removes it and it acts as adaptive weight
+        decay).
+      runs_sharded: the online step and the retraction are elementwise apart from the msign
+        and scalar reductions, so on sharded parameters they run where the parameter lives
+        (only the msign's input is gathered).
+    """
+
+    vector_ok: bool = False
+    default_dual_learning_rate: float = 0.5
+    project_dual_direction: bool = False
+    runs_sharded: bool = False
+
+    # --- geometry -------------------------------------------------------------------------
+    def theta(self, W, aux=None):
+        """The unit normal ``Θ`` of a scalar-multiplier manifold (``None`` otherwise)."""
+        raise NotImplementedError
+
+    def constraint(self, W, Phi, theta=None):
+        """``C_W(Φ)``; here ``⟨Θ, Φ⟩`` (scalar multiplier)."""
+        if theta is None:
+            theta = self.theta(W)
+        return inner(theta, Phi)
+
+    def adjoint(self, W, Y, theta=None):
+        """``C_W*(Y)``; here ``Y·Θ`` (scalar multiplier)."""
+        if theta is None:
+            theta = self.theta(W)
+        return Y[..., None, None] * theta
+
+    def multiplier_shape(self, shape):
+        """The multiplier's shape for a ``[*batch, rows, cols]`` parameter (``[*batch]``)."""
+        return tuple(shape[:-2])
+
+    def retract(self, W, aux=None):
+        """A point of the manifold near ``W`` (``W``'s shape and dtype)."""
+        raise NotImplementedError
+
+    def distance(self, W):
+        """Relative distance of ``W`` to the manifold (0 on it), the largest over the batch."""
+        raise NotImplementedError
+
+    def tangent_violation(self, W, Phi, aux=None):
+        """``‖C_W(Φ)‖_F / ‖Φ‖_F`` per matrix (scale-free)."""
+        theta = self.theta(W, aux)
+        c = self.constraint(W, Phi, theta)
+        c = jnp.abs(c) if c.ndim == Phi.ndim - 2 else fro(c)
+        return c / jnp.maximum(fro(Phi), 1e-30)
+
+    def project_tangent(self, W, Phi, aux=None):
+        """Orthogonal projection of ``Φ`` onto the tangent space at ``W``."""
+        theta = self.theta(W, aux)
+        return self.remove_normal(W, Phi, self.constraint(W, Phi, theta), theta)
+
+    def remove_normal(self, W, Phi, c, theta=None):
+        """The projection of ``Φ`` onto the tangent space given its residual ``c = C_W(Φ)``:
+        ``Φ − C_W*((C_W C_W*)⁻¹c)``; here ``Φ − c·Θ/‖Θ‖²``."""
+        t2 = inner(theta, theta)
+        return Phi - (c / jnp.maximum(t2, 1e-30))[..., None, None] * theta
+
+    def check_leaf(self, x, path: str) -> None:
+        """ValueError naming ``path`` if this manifold cannot hold a leaf like ``x``."""
+        if jnp.ndim(x) < 2 and not self.vector_ok:
+            raise ValueError(
+                f"parameter {path!r} has shape {jnp.shape(x)}: {type(self).__name__} needs a "
+                "matrix (at least 2 axes); use Sphere for vectors or assign None"
+            )
+        dt = jnp.result_type(x)
+        if not jnp.issubdtype(dt, jnp.floating):
+            raise ValueError(
+                f"parameter {path!r} has dtype {dt}: manifolds need real floating parameters"
+            )
+
+    # --- auxiliary state ------------------------------------------------------------------
+    def init_aux(self, W):
+        """The auxiliary state before any refinement (a pytree; ``None``: none needed)."""
+        return None
+
+    def update_aux(self, W, aux, iters: int):
+        """The auxiliary state refreshed at ``W`` with ``iters`` warm iterations."""
+        return aux
+
+    def reads_multiplier(self, shape) -> bool:
+        """Whether the online step reads the multiplier (square Stiefel's closed form does
+        not: its multiplier is an output only)."""
+        return True
+
+    def project(self, W):
+        """Fresh parameters put on the manifold (``project_params``)."""
+        return self.retract(W)
+
+    # --- the online step ------------------------------------------------------------------
+    def dual_step_size(self, config: SolverConfig) -> float:
+        """``η₂`` of the dual step: the configured one, else this manifold's default."""
+        return config.dual_learning_rate or self.default_dual_learning_rate
+
+    def dual_step(self, Gn, W, Y, theta, eta, msign_fn):
+        """One dual-ascent step on a normalized gradient ``Ĝ``: ``Φ = msign(Ĝ + C_W*(Y))``,
+        ``Y ← Y − η₂·C_W(Φ)``; returns ``(Φ, Y)``, with ``Φ`` projected onto the tangent space
+        (reusing ``C_W(Φ)``) when :attr:`project_dual_direction`. ``msign_fn`` is the msign to
+        use (steps, coefficients, sharding constraints)."""
+        Phi = msign_fn(Gn + self.adjoint(W, Y, theta))
+        c = self.constraint(W, Phi, theta)
+        if self.project_dual_direction:
+            Phi = self.remove_normal(W, Phi, c, theta)
+        return Phi, Y - eta * c
+
+    def online_direction(self, G, W, Y, aux, eta, msign_fn, power_iters: int):
+        """The online solver's step: ``aux`` refreshed at ``W``, then :meth:`dual_step` on
+        ``Ĝ = G/RMS-σ(G)``. A zero ``G`` has no steepest direction: ``Φ = 0`` and ``Y`` is
+        kept. ``G``, ``W``: ``[*b, rows, cols]`` float32. Returns ``(Φ, Y, aux)``."""
+        aux = self.update_aux(W, aux, power_iters)
+        zero, inv_scale = inverse_gradient_scale(G)
+        Gn = G * inv_scale[..., None, None]
+        phi, y = self.dual_step(Gn, W, Y, self.theta(W, aux), eta, msign_fn)
+        phi = jnp.where(zero[..., None, None], 0.0, phi)
+        if Y is not None:  # (a closed form may take no multiplier in)
+            y = jnp.where(zero.reshape(zero.shape + (1,) * (y.ndim - zero.ndim)), Y, y)
+        return phi, y, aux
+
+    def online_retracted_step(self, G, W, Y, aux, lr, eta, msign_fn, power_iters: int):
+        """The fused step: :meth:`online_direction`, ``V = W − η·Φ``, then
+        :meth:`begin_retraction`. Returns ``(X, Y, aux, plan)`` as that method does."""
+        Phi, Y, aux = self.online_direction(G, W, Y, aux, eta, msign_fn, power_iters)
+        X, aux, plan = self.begin_retraction(W - lr * Phi, aux, power_iters)
+        return X, Y, aux, plan
+
+    # --- the retraction in a training step ------------------------------------------------
+    def begin_retraction(self, V, aux, power_iters: int):
+        """``(X, aux, plan)``: the retracted point with ``plan = None``, or ``V`` itself and a
+        :class:`PolishPlan` when the retraction is one polish step the transformation takes
+        for all such leaves together (:meth:`polish_factor`, :meth:`apply_polish`,
+        :meth:`fallback_retraction`)."""
+        return self.retract(V, aux), aux, None
+
+    def polish_factor(self, plan: PolishPlan, cheap: bool):
+        """The ``m×m`` factor ``p(A)·inv_c`` of a deferred polish step."""
+        raise NotImplementedError
+
+    def apply_polish(self, V, P):
+        """``V·P``, the deferred polish step."""
+        raise NotImplementedError
+
+    def fallback_retraction(self, V):
+        """The retraction where no single polish step is certified."""
+        return self.retract(V)
+
+    # --- solvers --------------------------------------------------------------------------
+    def solver_msign(self, Z, config: SolverConfig):
+        """The msign inside the solvers: ``config.ns_steps`` steps at HIGHEST precision."""
+        return msign(Z, steps=config.ns_steps, precision=HIGHEST)
+
+    def initial_multiplier(self, Gn, W, aux):
+        """The multiplier of the tangent projection of ``Ĝ`` (a warm start)."""
+        theta = self.theta(W, aux)
+        return -inner(theta, Gn) / jnp.maximum(inner(theta, theta), 1e-30)
+
+    def solve_multiplier(self, Gn, W, Y, aux, solver: str, config: SolverConfig):
+        """``(Φ, Y)`` on a normalized gradient: dual ascent for ``"online"`` /
+        ``"dual_ascent"``, else the scalar root of :func:`~.solvers.scalar_root`."""
+        theta = self.theta(W, aux)
+        if solver in ("dual_ascent", "online"):
+            steps = 1 if solver == "online" else config.inner_steps
+            return solvers.dual_ascent(self, Gn, W, Y, theta, steps, config)
+        return solvers.scalar_root(self, Gn, theta, config)
+
+    def steepest_direction(self, G, W, solver: str = "exact", *, Y=None, aux=None, config=None):
+        """``argmax tr(GᵀΦ)`` s.t. ``‖Φ‖₂ ≤ 1`` and ``C_W(Φ) = 0``, in ``W``'s dtype.
+
+        ``Y`` (warm start) and ``aux`` are used by the iterative solvers; see :meth:`solve`.
+        """
+        Phi, _, _ = self.solve(G, W, solver, Y=Y, aux=aux, config=config)
+        return Phi
+
+    def solve(self, G, W, solver: str = "exact", *, Y=None, aux=None, config=None):
+        """The steepest tangent direction and its multiplier.
+
+        Args:
+          G: the gradient, ``W``'s shape.
+          W: a point of the manifold, ``[*batch, rows, cols]`` (or a vector where allowed).
+          solver: ``"exact"``, ``"fixed_point"``, ``"dual_ascent"`` or ``"online"``.
+          Y: warm-start multiplier (in units of the normalized gradient), else the
+            projection's.
+          aux: warm auxiliary state (:meth:`update_aux`), else a cold start.
+          config: :class:`SolverConfig`.
+
+        Returns:
+          ``(Φ, Y, aux)``: the direction in ``W``'s dtype (feasible: the exact solvers end
+          with a tangent projection and a rescaling to ``‖Φ‖₂ ≤ 1``; ``Φ = 0`` for ``G = 0``),
+          the multiplier and the refreshed auxiliary state. Computed in float32 (float64 for
+          float64 ``W``).
+        """
+        if solver not in SOLVERS:
+            raise ValueError(f"unknown solver {solver!r}; accepted: {SOLVERS}")
+        config = config or SolverConfig()
+        W, G, out_dtype, unflat = self._as_matrices(W, G)
+        if aux is None:
+            aux = self.update_aux(W, self.init_aux(W), 4 * config.power_iters)
+        else:
+            aux = self.update_aux(W, aux, config.power_iters)
+        # Normalize G: the dual step is not scale invariant; Y lives in these units.
+        scale = fro(G) / math.sqrt(min(G.shape[-2:]))
+        scale = jnp.where(scale > 0, scale, 1.0)
+        Gn = G / scale[..., None, None]
+        if Y is None:
+            Y = self.initial_multiplier(Gn, W, aux)
+        else:
+            Y = jnp.asarray(Y, W.dtype)
+        Phi, Y = self.solve_multiplier(Gn, W, Y, aux, solver, config)
+        if solver in ("exact", "fixed_point"):
+            # Feasibility polish: project onto the tangent space and rescale to ‖Φ‖₂ ≤ 1
+            # (moves Φ by the order of the iteration's residual).
+            Phi = self.project_tangent(W, Phi, aux)
+            s1 = singular_values(Phi)[..., 0]
+            Phi = Phi / jnp.maximum(s1, 1.0)[..., None, None]
+        elif self.project_dual_direction:
+            Phi = self.project_tangent(W, Phi, aux)  # as the online transform
+        Phi = jnp.where((fro(G) > 0)[..., None, None], Phi, 0.0)
+        return unflat(Phi.astype(out_dtype)), Y, aux
+
+    def _as_matrices(self, W, G):
+        W = jnp.asarray(W)
+        out_dtype = W.dtype
+        if W.ndim < 2:
+            shape = W.shape
+            W, G = W.reshape(1, -1), jnp.asarray(G).reshape(1, -1)
+            unflat = lambda x: x.reshape(shape)
+        else:
+            unflat = lambda x: x
+        acc = jnp.float64 if out_dtype == jnp.float64 else jnp.float32
+        return W.astype(acc), jnp.asarray(G).astype(acc), out_dtype, unflat

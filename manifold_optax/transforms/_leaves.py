@@ -1,0 +1,352 @@
+"""What the transformations share: which leaf gets which spec, leaves viewed as batches of
+matrices and grouped by shape, the per-leaf manifold state, and the deferred retraction.
+
+A *spec* is given per leaf as a single value (applied to every leaf), a tree prefix of the
+parameters, or a callable ``params → such a tree``; :func:`leaf_specs` broadcasts it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from manifold_optax._matrix import as_matrix
+from manifold_optax.labels import is_dim_nums, path_to_str
+from manifold_optax.linalg import msign
+from manifold_optax.manifolds import SOLVERS, Manifold, PolishPlan, SolverConfig, is_manifold
+from manifold_optax.sharding import replicate, run_replicated
+
+__all__ = [
+    "DEFAULT_INIT_TOLERANCE",
+    "LeafState",
+    "leaf_specs",
+    "paths",
+    "resolve_manifolds",
+    "by_shape",
+    "group_default",
+    "run_grouped",
+    "matrix_items",
+    "initial_leaves",
+    "solver_config",
+    "msign_fn",
+    "msign_kwargs",
+    "update_to",
+    "reshaped",
+    "Deferred",
+    "finish_deferred",
+]
+
+#: Relative distance to the manifold above which ``init`` refuses the parameters.
+DEFAULT_INIT_TOLERANCE = 1e-4
+
+
+class _Box:
+    """An opaque holder, so that ``None`` and specs stay leaves when broadcasting a prefix."""
+
+    __slots__ = ("v",)
+
+    def __init__(self, v):
+        self.v = v
+
+
+def leaf_specs(spec, tree, *, is_spec=is_dim_nums) -> list:
+    """Broadcast a tree prefix ``spec`` (or a callable returning one, or a single spec, or None)
+    over ``tree``; return one entry per leaf of ``tree``, in ``jax.tree.leaves`` order."""
+    n = len(jax.tree.leaves(tree))
+    if spec is None or is_spec(spec):
+        return [spec] * n
+    if callable(spec):
+        spec = spec(tree)
+        if spec is None or is_spec(spec):
+            return [spec] * n
+    try:
+        boxed = jax.tree.map(
+            lambda s, sub: jax.tree.map(lambda _: _Box(s), sub),
+            spec,
+            tree,
+            is_leaf=lambda x: x is None or is_spec(x),
+        )
+    except (ValueError, TypeError) as e:
+        raise ValueError(
+            f"the spec tree does not match the parameter tree (it must be a tree prefix): {e}"
+        ) from e
+    return [b.v for b in jax.tree.leaves(boxed, is_leaf=lambda x: isinstance(x, _Box))]
+
+
+def paths(tree) -> list:
+    """The key path of every leaf of ``tree``, in ``jax.tree.leaves`` order."""
+    return [p for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+
+
+def resolve_manifolds(spec, tree) -> list:
+    """One ``Manifold | None`` per leaf of ``tree`` (``jax.tree.leaves`` order), validated.
+
+    A single ``Manifold`` applies to leaves with at least two axes (vectors and scalars get
+    ``None``). A tree prefix or callable may also give a manifold that allows vectors
+    (``Sphere``) to a vector; a matrix manifold on a 0-D/1-D leaf, or an integer/complex leaf
+    on any manifold, raises ValueError naming the leaf's path.
+    """
+    leaves_with_paths = jax.tree_util.tree_flatten_with_path(tree)[0]
+    if is_manifold(spec):
+        out = [spec if jnp.ndim(x) >= 2 else None for _, x in leaves_with_paths]
+    else:
+        try:
+            out = leaf_specs(spec, tree, is_spec=is_manifold)
+        except ValueError as e:
+            raise ValueError(f"manifold spec does not match the parameter tree: {e}") from e
+    for (path, x), m in zip(leaves_with_paths, out, strict=True):
+        if m is None:
+            continue
+        if not is_manifold(m):
+            raise ValueError(
+                f"manifold spec for {path_to_str(path)!r} must be a Manifold or None, got {m!r}"
+            )
+        m.check_leaf(x, path_to_str(path))
+    return out
+
+
+def by_shape(factory, *, min_ndim: int = 2):
+    """A manifold spec that builds each matrix leaf's manifold from its fans.
+
+    ``factory(fan_in, fan_out)`` returns a ``Manifold`` or ``None``; fans are the last two axes
+    (Flax's ``(in, out)``). The usual shape-aware choices keep activations O(1) whatever the
+    width:
+
+    * ``SpectralSphere(√(fan_out/fan_in))`` — unit RMS→RMS operator norm;
+    * ``Sphere(√fan_out)`` — entries of RMS ``1/√fan_in``, like LeCun-normal initialization;
+    * ``Stiefel()`` is already norm-preserving for square, wide and tall layers.
+
+    Example:
+      >>> import manifold_optax as mo
+      >>> spec = mo.by_shape(lambda fan_in, fan_out: mo.Sphere((fan_out) ** 0.5))
+    """
+
+    def spec(params):
+        return jax.tree.map(
+            lambda x: factory(x.shape[-2], x.shape[-1]) if jnp.ndim(x) >= min_ndim else None,
+            params,
+        )
+
+    return spec
+
+
+def group_default(group: bool | None) -> bool:
+    """``None``: stack same-shape leaves on GPU/TPU (fewer, larger kernels), not on CPU, where
+    the copies into and out of the stacks cost more than they save."""
+    return jax.default_backend() != "cpu" if group is None else bool(group)
+
+
+def _flat_batch(x, nb: int):
+    """``x`` (an array, None or a pytree) with its ``nb`` leading batch axes flattened."""
+    return jax.tree.map(lambda a: a.reshape((-1,) + a.shape[nb:]), x)
+
+
+def _batch_size(args) -> int:
+    return args[0].shape[0]
+
+
+def run_grouped(fn, items: list, group: bool = True) -> list:
+    """Run ``fn(key, *args)`` once per group of items with equal ``key``.
+
+    ``items`` holds ``(key, args)`` with every array of ``args`` (arrays, None or pytrees)
+    leading with the item's batch axis, the first an array; a group's arrays are concatenated
+    along it, ``fn`` runs on the stack (one batched msign / block iteration / polish for
+    same-shape layers), and its outputs (a tuple of such pytrees) are split back.
+    """
+    groups: dict = {}
+    for i, (key, _) in enumerate(items):
+        groups.setdefault(key if group else i, []).append(i)
+    out: list = [None] * len(items)
+    for idx in groups.values():
+        key = items[idx[0]][0]
+        if len(idx) == 1:
+            args = items[idx[0]][1]
+            if _batch_size(args) != 1:
+                out[idx[0]] = fn(key, *args)
+                continue
+            # A lone matrix runs unbatched (XLA:CPU runs batch-1 dots slower than plain ones).
+            res = fn(key, *jax.tree.map(lambda a: a[0], args))
+            out[idx[0]] = jax.tree.map(lambda r: r[None], res)
+            continue
+        cols = zip(*(items[i][1] for i in idx), strict=True)
+        stacked = [jax.tree.map(lambda *xs: jnp.concatenate(xs, axis=0), *xs) for xs in cols]
+        res = fn(key, *stacked)
+        start = 0
+        for i in idx:
+            b = _batch_size(items[i][1])
+            out[i] = jax.tree.map(lambda r, s=start, b=b: r[s : s + b], res)
+            start += b
+    return out
+
+
+class LeafState(NamedTuple):
+    """Per parameter leaf: the multiplier ``y`` (normalized-gradient units; the manifold's
+    :meth:`~manifold_optax.Manifold.multiplier_shape`) and the manifold's auxiliary state
+    ``aux`` (e.g. the spectral sphere's warm block); both ``None`` off the manifolds."""
+
+    y: Any
+    aux: Any
+
+
+def _shape_key(tree):
+    return jax.tree.structure(tree), tuple(a.shape[1:] for a in jax.tree.leaves(tree))
+
+
+def matrix_items(g_leaves, w_leaves, manifolds, states, reads_multiplier: bool = False):
+    """``(items, where)`` for :func:`run_grouped`: per manifold leaf ``i`` (listed in
+    ``where``), ``(key, (G, W, y, aux))`` in float32 with one flat batch axis; the key groups
+    leaves with the same manifold, matrix shape and state shapes. With ``reads_multiplier``,
+    a leaf whose manifold does not read its multiplier passes ``y = None``."""
+    items, where = [], []
+    for i, (g, w, m, ls) in enumerate(zip(g_leaves, w_leaves, manifolds, states, strict=True)):
+        if m is None:
+            continue
+        W = as_matrix(w.astype(jnp.float32))
+        G = as_matrix(g.astype(jnp.float32)).reshape(W.shape)
+        y = None if reads_multiplier and not m.reads_multiplier(W.shape) else ls.y
+        args = tuple(_flat_batch(x, W.ndim - 2) for x in (G, W, y, ls.aux))
+        items.append(((m, args[1].shape[1:], _shape_key(args[3])), args))
+        where.append(i)
+    return items, where
+
+
+def reshaped(new, like):
+    """``new`` (an array, None or a pytree) reshaped leaf by leaf to ``like``'s shapes."""
+    return jax.tree.map(lambda a, b: a.reshape(b.shape), new, like)
+
+
+def _check_on_manifold(params, manifolds, tol):
+    if tol is None:
+        return
+    for (path, x), m in zip(
+        jax.tree_util.tree_flatten_with_path(params)[0], manifolds, strict=True
+    ):
+        if m is None or isinstance(x, jax.core.Tracer):
+            continue
+        d = float(m.distance(as_matrix(jnp.asarray(x))))
+        # Low-precision parameters cannot sit closer than their rounding (bf16: ~4e-3).
+        tol_eff = max(tol, 4 * float(jnp.finfo(jnp.result_type(x)).eps))
+        if not d <= tol_eff:
+            raise ValueError(
+                f"parameter {path_to_str(path)!r} is off its manifold {m} (relative distance "
+                f"{d:.3g} > {tol_eff:g}); put it on the manifold first with "
+                "manifold_optax.project_params(params, manifold_spec)"
+            )
+
+
+def initial_leaves(manifold, params, init_tolerance, power_iters) -> list:
+    """One :class:`LeafState` per leaf: ``(None, None)`` off the manifolds, else a zero
+    multiplier and the auxiliary state refreshed at the parameter. Checks that concrete
+    parameters lie on their manifolds (``init_tolerance``; ``None`` skips the check)."""
+    manifolds = resolve_manifolds(manifold, params)
+    _check_on_manifold(params, manifolds, init_tolerance)
+    out = []
+    for x, m in zip(jax.tree.leaves(params), manifolds, strict=True):
+        if m is None:
+            out.append(LeafState(None, None))  # empty subtrees: nothing to checkpoint
+            continue
+        W = as_matrix(jnp.asarray(x, jnp.float32))
+        y = jnp.zeros(m.multiplier_shape(W.shape), jnp.float32)
+        out.append(LeafState(y, m.update_aux(W, m.init_aux(W), power_iters)))
+    return out
+
+
+def solver_config(solver, exact_config, inner_steps, dual_learning_rate) -> SolverConfig:
+    """The validated solver options shared by ``dual_ascent`` and ``manifold_step``."""
+    if solver not in SOLVERS:
+        raise ValueError(f"unknown solver {solver!r}; accepted: {SOLVERS}")
+    return dataclasses.replace(
+        exact_config or SolverConfig(),
+        inner_steps=inner_steps,
+        dual_learning_rate=dual_learning_rate,
+    )
+
+
+def msign_kwargs(ns_steps, ns_coeffs, normalization, precision, eps, compute_dtype, method="auto"):
+    """:func:`~manifold_optax.msign`'s keyword arguments, by name."""
+    return dict(
+        steps=ns_steps,
+        coeffs=ns_coeffs,
+        normalization=normalization,
+        precision=precision,
+        eps=eps,
+        compute_dtype=compute_dtype,
+        method=method,
+    )
+
+
+def msign_fn(ms_kwargs, sharding=None):
+    """The dual step's msign; with ``sharding``, its input is gathered once and the whole
+    matrix is computed on every device."""
+
+    def fn(Z):
+        return replicate(msign(replicate(Z, sharding), **ms_kwargs), sharding)
+
+    return fn
+
+
+def update_to(new, w, dtype):
+    """The update that moves parameter ``w`` to the point ``new`` (any shape of ``w``'s size),
+    in the update's ``dtype``."""
+    return (new.reshape(w.shape).astype(w.dtype) - w).astype(dtype)
+
+
+class Deferred(NamedTuple):
+    """A leaf waiting for its retraction's polish step (:func:`finish_deferred`)."""
+
+    index: int  # the leaf's index in the update list
+    manifold: Manifold
+    V: jax.Array  # [b, rows, cols] float32: the point before the retraction
+    plan: PolishPlan
+    param: jax.Array  # the parameter W
+    dtype: Any  # the update's dtype
+
+
+def finish_deferred(pending: list[Deferred], out: list, sharding=None, group: bool = False):
+    """Write the updates ``R(V) − W`` of the deferred leaves into ``out``: one polish step
+    each, ``V·P`` with ``P`` the manifold's cheap factor if every matrix of the step certifies
+    it, else its standard one; only if the standard one too falls short for some matrix, the
+    manifold's fallback retraction for just those matrices.
+
+    Two conditionals for the whole step, not a switch per matrix (on GPU a conditional reads
+    its predicate back to the host). The first holds only the m×m factors, so the n×m×m
+    products run outside any conditional. Same-shape leaves polish as one batch when
+    ``group`` (:func:`run_grouped`)."""
+    if not pending:
+        return
+    cheap_all = jnp.all(jnp.stack([jnp.all(p.plan.cheap_ok) for p in pending]))
+    ok_all = jnp.all(jnp.stack([jnp.all(p.plan.ok) for p in pending]))
+    factors = jax.lax.cond(
+        cheap_all,
+        lambda plans: [
+            p.manifold.polish_factor(q, True) for p, q in zip(pending, plans, strict=True)
+        ],
+        lambda plans: [
+            p.manifold.polish_factor(q, False) for p, q in zip(pending, plans, strict=True)
+        ],
+        [p.plan for p in pending],
+    )
+    items = [((p.manifold, p.V.shape[1:]), (p.V, P)) for p, P in zip(pending, factors, strict=True)]
+    xs = [
+        X
+        for (X,) in run_grouped(
+            lambda key, V, P: (run_replicated(key[0].apply_polish, sharding, V, P),), items, group
+        )
+    ]
+
+    def fallback(arrays):
+        news = []
+        for p, (X, V) in zip(pending, arrays, strict=True):
+            R = run_replicated(p.manifold.fallback_retraction, sharding, V)
+            news.append(jnp.where(p.plan.ok.reshape(p.plan.ok.shape + (1, 1)), X, R))
+        return news
+
+    arrays = [(X, p.V) for X, p in zip(xs, pending, strict=True)]
+    # (The fallback runs only when the standard factor was taken: under the cheap one every
+    # matrix is certified.)
+    news = jax.lax.cond(cheap_all | ok_all, lambda a: [X for X, _ in a], fallback, arrays)
+    for X, p in zip(news, pending, strict=True):
+        out[p.index] = update_to(X, p.param, p.dtype)

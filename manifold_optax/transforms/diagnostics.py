@@ -1,0 +1,65 @@
+"""``diagnostics``: how far each manifold leaf is from its manifold, its multiplier, and how
+tangent a direction is."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from manifold_optax._matrix import as_matrix
+from manifold_optax.labels import path_to_str
+from manifold_optax.transforms._leaves import LeafState, paths, resolve_manifolds
+
+__all__ = ["diagnostics"]
+
+
+def _leaf_states(opt_state, n: int):
+    """The first tuple of ``n`` :class:`LeafState` inside ``opt_state`` (a ``dual_ascent`` or
+    ``manifold_step`` state), else ``None``."""
+    found = []
+
+    def visit(x):
+        if isinstance(x, tuple) and len(x) == n and all(isinstance(s, LeafState) for s in x):
+            found.append(x)
+            return True
+        return isinstance(x, LeafState)
+
+    jax.tree.leaves(opt_state, is_leaf=visit)
+    return found[0] if found else None
+
+
+def diagnostics(params, manifold_spec, opt_state=None, directions=None) -> dict:
+    """Per manifold leaf, keyed by its path: ``distance`` to the manifold
+    (:meth:`~manifold_optax.Manifold.distance`), and, when given, the ``multiplier_norm``
+    (the Frobenius norm of the multiplier in the ``dual_ascent`` or ``manifold_step`` state
+    inside ``opt_state``) and the largest relative ``tangent_violation``
+    ``‖C_W(Φ)‖_F/‖Φ‖_F`` of ``directions`` (e.g. the ``dual_ascent`` output) at ``params``.
+
+    Call it outside ``jit`` for logging, or inside and log the arrays.
+
+    Example:
+      >>> import jax.numpy as jnp, manifold_optax as mo
+      >>> p = mo.project_params({"w": jnp.ones((3, 2))}, mo.Stiefel())
+      >>> d = mo.diagnostics(p, mo.Stiefel())
+      >>> float(d["w"]["distance"]) < 1e-5
+      True
+    """
+    manifolds = resolve_manifolds(manifold_spec, params)
+    leaves = jax.tree.leaves(params)
+    states = None if opt_state is None else _leaf_states(opt_state, len(leaves))
+    d_leaves = jax.tree.leaves(directions) if directions is not None else None
+    out = {}
+    for i, (p, x, m) in enumerate(zip(paths(params), leaves, manifolds, strict=True)):
+        if m is None:
+            continue
+        W = as_matrix(jnp.asarray(x, jnp.float32))
+        entry = {"distance": m.distance(W)}
+        if states is not None:
+            entry["multiplier_norm"] = jnp.linalg.norm(states[i].y)
+        if d_leaves is not None:
+            phi = jnp.asarray(d_leaves[i], jnp.float32).reshape(W.shape)
+            # The state's auxiliary state, refreshed at W (no warm iterations).
+            aux = None if states is None else m.update_aux(W, states[i].aux, 0)
+            entry["tangent_violation"] = jnp.max(m.tangent_violation(W, phi, aux))
+        out[path_to_str(p)] = entry
+    return out

@@ -1,0 +1,143 @@
+"""``dual_ascent``: per manifold leaf, the steepest tangent direction and its multiplier."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import optax
+
+from manifold_optax.manifolds import SolverConfig
+from manifold_optax.sharding import run_replicated
+from manifold_optax.transforms._leaves import (
+    DEFAULT_INIT_TOLERANCE,
+    LeafState,
+    group_default,
+    initial_leaves,
+    matrix_items,
+    msign_fn,
+    reshaped,
+    resolve_manifolds,
+    run_grouped,
+    solver_config,
+)
+
+__all__ = ["DualAscentState", "dual_ascent"]
+
+
+class DualAscentState(NamedTuple):
+    """One :class:`~manifold_optax.transforms._leaves.LeafState` per parameter leaf."""
+
+    leaves: tuple
+
+
+def dual_ascent(
+    manifold,
+    solver: str = "online",
+    *,
+    dual_learning_rate: float | None = None,
+    inner_steps: int = 20,
+    ns_steps: int | None = None,
+    ns_coeffs="polar_express",
+    compute_dtype=None,
+    exact_config: SolverConfig | None = None,
+    init_tolerance: float | None = DEFAULT_INIT_TOLERANCE,
+    sharding=None,
+    group: bool | None = None,
+) -> optax.GradientTransformationExtraArgs:
+    r"""Per manifold leaf, the steepest tangent direction and the multiplier update.
+
+    .. math::
+
+       Φ = \operatorname{msign}(Ĝ + C_W^*(Y)),\qquad Y ← Y − η_2\,C_W(Φ),\qquad
+       Ĝ = G/\mathrm{RMS}σ(G),
+
+    with the multiplier ``Y`` in the state (``docs/math.md``, The dual problem and Solvers).
+    Solvers: ``"online"``, one dual step per training step (one msign); ``"dual_ascent"``,
+    ``inner_steps`` such steps with a linearly decaying step, warm-started from the state;
+    ``"exact"`` / ``"fixed_point"``, solved to ``exact_config.tol``
+    (:meth:`~manifold_optax.Manifold.solve`). Returns the positive direction ``Φ``
+    (``optax.scale_by_learning_rate`` negates it); leaves without a manifold pass through.
+
+    Args:
+      manifold: a Manifold, a tree prefix of ``Manifold | None``, or a callable returning one.
+      solver: ``"online"``, ``"dual_ascent"``, ``"exact"`` or ``"fixed_point"``.
+      dual_learning_rate: ``η₂``, in units of the normalized gradient; ``None`` takes the
+        manifold's ``default_dual_learning_rate``.
+      inner_steps: dual steps per call for ``"dual_ascent"``.
+      ns_steps, ns_coeffs: the msign of the online direction (default: 5 Polar Express steps,
+        as ``muon``).
+      compute_dtype: dtype of the online msign's matmuls (e.g. ``jnp.bfloat16``; coefficients,
+        normalization and accumulation stay float32). The multiplier update, the tangent
+        projection and the retraction always run in float32, and the iterative solvers keep
+        float32 throughout.
+      exact_config: :class:`~manifold_optax.SolverConfig` of the iterative solvers.
+      init_tolerance: ``init`` raises, naming the leaf, if a concrete parameter is farther
+        than this (relative; at least 4× its dtype's epsilon) from its manifold; traced
+        parameters are not checked; ``None`` disables the check.
+      sharding: a :class:`~manifold_optax.MsignSharding` for sharded parameters.
+      group: run same-shape leaves with the same manifold as one batch; ``None`` does so
+        except on CPU. Results agree with one leaf at a time to float32 round-off.
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs`` whose ``update`` needs ``params``; its
+      state is a :class:`DualAscentState`.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, optax, manifold_optax as mo
+      >>> params = mo.project_params({"w": jnp.ones((4, 3))}, mo.Stiefel())
+      >>> tx = optax.chain(mo.dual_ascent(mo.Stiefel()), optax.scale_by_learning_rate(0.1),
+      ...                  mo.retract(mo.Stiefel()))
+      >>> state = tx.init(params)
+      >>> grads = {"w": jax.random.normal(jax.random.key(0), (4, 3))}
+      >>> updates, state = tx.update(grads, state, params)
+      >>> w = optax.apply_updates(params, updates)["w"]
+      >>> bool(jnp.allclose(w.T @ w, jnp.eye(3), atol=1e-5))
+      True
+
+    References:
+      Su Jianlin, "Steepest descent on manifolds", part 5 (kexue.fm, 2025).
+    """
+    cfg = solver_config(solver, exact_config, inner_steps, dual_learning_rate)
+    ms_kwargs = dict(steps=ns_steps, coeffs=ns_coeffs, compute_dtype=compute_dtype)
+
+    def init_fn(params):
+        return DualAscentState(
+            tuple(initial_leaves(manifold, params, init_tolerance, cfg.power_iters))
+        )
+
+    def update_fn(updates, state, params=None):
+        if params is None:
+            raise ValueError("dual_ascent needs params: call update(updates, state, params)")
+        manifolds = resolve_manifolds(manifold, params)
+        g_leaves, treedef = jax.tree.flatten(updates)
+        w_leaves = jax.tree.leaves(params)
+        items, where = matrix_items(g_leaves, w_leaves, manifolds, state.leaves)
+
+        def group_step(key, G, W, y, aux):
+            m = key[0]
+            eta, iters = m.dual_step_size(cfg), cfg.power_iters
+            if solver == "online" and m.runs_sharded:
+                # Elementwise apart from the msign, whose input alone is gathered.
+                fn = msign_fn(ms_kwargs, sharding)
+                return m.online_direction(G, W, y, aux, eta, fn, iters)
+
+            def leaf_step(G, W, y, aux):
+                if solver == "online":
+                    return m.online_direction(G, W, y, aux, eta, msign_fn(ms_kwargs), iters)
+                return m.solve(G, W, solver, Y=y, aux=aux, config=cfg)
+
+            # Otherwise gather W and G once and compute whole matrices on every device: split
+            # matrices would turn the block and polar iterations into many small collectives.
+            return run_replicated(leaf_step, sharding, G, W, y, aux)
+
+        new_u, new_s = list(g_leaves), list(state.leaves)
+        for i, (phi, y, aux) in zip(
+            where, run_grouped(group_step, items, group_default(group)), strict=True
+        ):
+            w, ls = w_leaves[i], state.leaves[i]
+            new_u[i] = phi.reshape(w.shape).astype(w.dtype)
+            new_s[i] = LeafState(reshaped(y, ls.y), reshaped(aux, ls.aux))
+        return jax.tree.unflatten(treedef, new_u), DualAscentState(tuple(new_s))
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -1,0 +1,156 @@
+"""``manifold_step``: the dual step, the learning rate and the retraction in one
+transformation."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from manifold_optax.manifolds import SolverConfig
+from manifold_optax.sharding import run_replicated
+from manifold_optax.transforms._leaves import (
+    DEFAULT_INIT_TOLERANCE,
+    Deferred,
+    LeafState,
+    finish_deferred,
+    group_default,
+    initial_leaves,
+    matrix_items,
+    msign_fn,
+    reshaped,
+    resolve_manifolds,
+    run_grouped,
+    solver_config,
+    update_to,
+)
+
+__all__ = ["manifold_step", "ManifoldStepState"]
+
+
+class ManifoldStepState(NamedTuple):
+    """The step count (the learning-rate schedule's argument) and one
+    :class:`~manifold_optax.transforms._leaves.LeafState` per parameter leaf."""
+
+    count: jax.Array
+    leaves: tuple
+
+
+def manifold_step(
+    manifold,
+    learning_rate: optax.ScalarOrSchedule,
+    solver: str = "online",
+    *,
+    dual_learning_rate: float | None = None,
+    inner_steps: int = 20,
+    ns_steps: int | None = None,
+    ns_coeffs="polar_express",
+    compute_dtype=None,
+    exact_config: SolverConfig | None = None,
+    power_iters: int = 6,
+    init_tolerance: float | None = DEFAULT_INIT_TOLERANCE,
+    sharding=None,
+    group: bool | None = None,
+) -> optax.GradientTransformationExtraArgs:
+    r"""Per manifold leaf, the update ``R(W − η·Φ) − W`` with ``Φ`` and ``Y`` as in
+    :func:`~manifold_optax.dual_ascent`; leaves without a manifold pass through unchanged.
+
+    .. math::
+
+       Φ = \operatorname{msign}(Ĝ + C_W^*(Y)),\qquad Y ← Y − η_2\,C_W(Φ),\qquad
+       W ← R(W − ηΦ).
+
+    The same update as the chain ``dual_ascent → optax.scale_by_learning_rate(η) → retract``
+    (``docs/math.md``, The fused step), with fewer products: each manifold's
+    :meth:`~manifold_optax.Manifold.online_retracted_step` shares what the dual step computes
+    with the retraction (the spectral sphere's retraction finds the top singular pair of
+    ``V``, which is that of the new ``W`` and gives the next step's ``Θ``; the sphere never
+    forms ``Θ`` or ``V``), and sharded parameters are gathered once for both halves. It goes
+    after the momentum.
+
+    Args:
+      manifold: a Manifold, a tree prefix of ``Manifold | None``, or a callable returning one.
+      learning_rate: ``η``, a float or an optax schedule of the step count.
+      solver, dual_learning_rate, inner_steps, ns_steps, ns_coeffs, compute_dtype,
+        exact_config, init_tolerance, sharding, group: as in
+        :func:`~manifold_optax.dual_ascent`.
+      power_iters: the degree of the spectral sphere retraction's warm Chebyshev-filtered
+        block iteration (as in :func:`~manifold_optax.retract`);
+        ``benchmarks/spectral_accuracy.py`` measures ``|‖W‖₂ − r|/r`` over a training run
+        for each degree.
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs`` whose ``update`` needs ``params``; its
+      state is a :class:`ManifoldStepState`.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, optax, manifold_optax as mo
+      >>> params = mo.project_params({"w": jnp.ones((4, 3))}, mo.Stiefel())
+      >>> tx = mo.manifold_step(mo.Stiefel(), 0.1)
+      >>> state = tx.init(params)
+      >>> grads = {"w": jax.random.normal(jax.random.key(0), (4, 3))}
+      >>> updates, state = tx.update(grads, state, params)
+      >>> w = optax.apply_updates(params, updates)["w"]
+      >>> bool(jnp.allclose(w.T @ w, jnp.eye(3), atol=1e-5))
+      True
+    """
+    cfg = solver_config(solver, exact_config, inner_steps, dual_learning_rate)
+    ms_kwargs = dict(steps=ns_steps, coeffs=ns_coeffs, compute_dtype=compute_dtype)
+
+    def group_step(key, G, W, y, aux, lr):
+        m = key[0]
+        eta = m.dual_step_size(cfg)
+        if solver == "online" and m.runs_sharded:
+            # Elementwise apart from the msign, whose input alone is gathered, and a few
+            # reductions (scalar all-reduces on sharded parameters).
+            fn = msign_fn(ms_kwargs, sharding)
+            return m.online_retracted_step(G, W, y, aux, lr, eta, fn, power_iters)
+
+        def leaf_step(G, W, y, aux, lr):
+            if solver == "online":
+                fn = msign_fn(ms_kwargs)
+                return m.online_retracted_step(G, W, y, aux, lr, eta, fn, power_iters)
+            phi, y, _ = m.solve(G, W, solver, Y=y, aux=aux, config=cfg)
+            X, aux, plan = m.begin_retraction(W - lr * phi, aux, power_iters)
+            return X, y, aux, plan
+
+        # Gather once, then the dual step and the retraction on whole matrices on every
+        # device (the retraction reuses the gathered W).
+        return run_replicated(leaf_step, sharding, G, W, y, aux, lr)
+
+    def update_fn(updates, state, params=None):
+        if params is None:
+            raise ValueError("manifold_step needs params: call update(updates, state, params)")
+        manifolds = resolve_manifolds(manifold, params)
+        lr = learning_rate(state.count) if callable(learning_rate) else learning_rate
+        lr = jnp.asarray(lr, jnp.float32)
+        g_leaves, treedef = jax.tree.flatten(updates)
+        w_leaves = jax.tree.leaves(params)
+        # A manifold that reads no multiplier (square Stiefel) does not get it (or gather it).
+        items, where = matrix_items(
+            g_leaves, w_leaves, manifolds, state.leaves, reads_multiplier=True
+        )
+
+        def fn(key, *arrays):
+            return group_step(key, *arrays, lr)
+
+        grouped = group_default(group)
+        new_u, new_s, pending = list(g_leaves), list(state.leaves), []
+        for i, (new, y, aux, plan) in zip(where, run_grouped(fn, items, grouped), strict=True):
+            w, ls, dtype = w_leaves[i], state.leaves[i], g_leaves[i].dtype
+            if plan is not None:  # polished below, all such leaves together
+                pending.append(Deferred(i, manifolds[i], new, plan, w, dtype))
+            else:
+                new_u[i] = update_to(new, w, dtype)
+            new_s[i] = LeafState(reshaped(y, ls.y), reshaped(aux, ls.aux))
+        finish_deferred(pending, new_u, sharding, grouped)
+        count = optax.safe_increment(state.count)
+        return jax.tree.unflatten(treedef, new_u), ManifoldStepState(count, tuple(new_s))
+
+    def init_fn(params):
+        leaves = initial_leaves(manifold, params, init_tolerance, power_iters)
+        return ManifoldStepState(jnp.zeros([], jnp.int32), tuple(leaves))
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -1,0 +1,78 @@
+"""``orthogonalize``: every matrix leaf replaced by its polar factor ``msign(G) = UVᵀ``, the
+steepest direction under the spectral norm."""
+
+from __future__ import annotations
+
+import jax
+import optax
+
+from manifold_optax._matrix import grouped_msign, matrix_view
+from manifold_optax.labels import is_dim_nums
+from manifold_optax.transforms._leaves import leaf_specs, msign_kwargs, paths
+
+__all__ = ["orthogonalize"]
+
+
+def orthogonalize(
+    ns_steps: int | None = None,
+    ns_coeffs="polar_express",
+    weight_dimension_numbers=None,
+    *,
+    normalization: str = "schatten8",
+    precision=None,
+    eps: float = 1e-8,
+    compute_dtype=None,
+    group: bool | None = None,
+    ns_method: str = "auto",
+    sharding=None,
+) -> optax.GradientTransformation:
+    r"""Replace every matrix leaf ``G`` by ``msign(G) = UVᵀ`` (steepest descent under ‖·‖₂).
+
+    Leaves are viewed as ``[batch, fan_in, fan_out]``: a ``MuonDimensionNumbers`` spec names the
+    reduction and output axes (the rest are batch axes); without one the last two axes are the
+    matrix and leading axes (``nnx.scan`` layers, heads, experts) are a batch. A spec of
+    ``None`` inside a tree leaves that leaf unchanged. Same-shape matrices are stacked into one
+    batched msign on GPU/TPU; on CPU only small ones are (``group``).
+
+    Args:
+      ns_steps, ns_coeffs, normalization, precision, eps, compute_dtype: see
+        :func:`manifold_optax.msign`.
+      weight_dimension_numbers: ``None``, one ``MuonDimensionNumbers`` for every leaf, a tree
+        prefix of ``MuonDimensionNumbers | None``, or a callable from updates to such a tree.
+      group: ``True`` batches same-shape matrices into one msign call, ``False`` runs each
+        leaf on its own; ``None`` (default) batches on GPU/TPU, and on CPU only matrices with
+        a short side below 128, running larger ones one at a time as 2-D products (faster
+        there: see :func:`manifold_optax._matrix.grouped_msign`).
+      ns_method: ``"auto"`` (Gram Newton–Schulz for aspect ≥ 1.5 in float32), ``"standard"``
+        or ``"gram"`` (see :func:`manifold_optax.msign`).
+      sharding: a :class:`manifold_optax.sharding.MsignSharding` for sharded parameters.
+
+    Raises:
+      ValueError naming the leaf's path if a leaf with fewer than two axes reaches it.
+    """
+    kw = msign_kwargs(ns_steps, ns_coeffs, normalization, precision, eps, compute_dtype, ns_method)
+
+    def update_fn(updates, state, params=None):
+        del params
+        leaves, treedef = jax.tree.flatten(updates)
+        specs = leaf_specs(weight_dimension_numbers, updates)
+        leaf_paths = paths(updates)
+        views, invs, where = [], [], []
+        for i, (x, s, p) in enumerate(zip(leaves, specs, leaf_paths, strict=True)):
+            if (
+                s is None
+                and weight_dimension_numbers is not None
+                and not is_dim_nums(weight_dimension_numbers)
+            ):
+                continue  # explicitly excluded by the spec tree
+            v, inv = matrix_view(x, s, p)
+            views.append(v)
+            invs.append(inv)
+            where.append(i)
+        outs = grouped_msign(views, group=group, sharding=sharding, **kw)
+        new = list(leaves)
+        for i, o, inv in zip(where, outs, invs, strict=True):
+            new[i] = inv(o)
+        return jax.tree.unflatten(treedef, new), state
+
+    return optax.GradientTransformationExtraArgs(optax.init_empty_state, update_fn)

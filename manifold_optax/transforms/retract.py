@@ -1,0 +1,143 @@
+"""``retract``: the step that lands on the manifold, and ``project_params`` for fresh
+parameters."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from manifold_optax._matrix import as_matrix
+from manifold_optax.sharding import run_replicated
+from manifold_optax.transforms._leaves import (
+    Deferred,
+    finish_deferred,
+    group_default,
+    reshaped,
+    resolve_manifolds,
+    run_grouped,
+    update_to,
+)
+
+__all__ = ["RetractState", "retract", "project_params"]
+
+
+class RetractState(NamedTuple):
+    """Per parameter leaf, the manifold's auxiliary state (``None`` where it has none)."""
+
+    aux: tuple
+
+
+def retract(
+    manifold, *, power_iters: int = 6, sharding=None, group: bool | None = None
+) -> optax.GradientTransformationExtraArgs:
+    r"""The update ``R(W + u) − W`` for every manifold leaf, so that ``optax.apply_updates``
+    lands exactly on the manifold; it goes last in a chain (after the learning rate).
+
+    Each manifold's retraction ``R`` (``docs/math.md``, Retractions): ``Sphere``
+    ``r·V/‖V‖_F``; ``SpectralSphere`` ``r·V/‖V‖₂`` with ``‖V‖₂`` from a warm block refined by a
+    degree-``power_iters`` Chebyshev filter; ``Stiefel`` the polar factor of ``V`` by one
+    certified Newton–Schulz polish step (``V`` is within O(η²) of the manifold after a tangent
+    step), with a fallback for matrices where it is not certified. Computed in float32 at
+    HIGHEST matmul precision; bfloat16 parameters are retracted in float32 and rounded.
+    Leaves without a manifold pass through.
+
+    Args:
+      manifold: a Manifold, a tree prefix of ``Manifold | None``, or a callable returning one.
+      power_iters: degree of the spectral sphere's warm block iteration per step.
+      sharding, group: as in :func:`~manifold_optax.dual_ascent`.
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs`` whose ``update`` needs ``params``; its
+      state is a :class:`RetractState`.
+    """
+
+    def init_fn(params):
+        manifolds = resolve_manifolds(manifold, params)
+        auxes = []
+        for x, m in zip(jax.tree.leaves(params), manifolds, strict=True):
+            if m is None:
+                auxes.append(None)
+            else:
+                W = as_matrix(jnp.asarray(x, jnp.float32))
+                auxes.append(m.update_aux(W, m.init_aux(W), power_iters))
+        return RetractState(tuple(auxes))
+
+    def update_fn(updates, state, params=None):
+        if params is None:
+            raise ValueError("retract needs params: call update(updates, state, params)")
+        manifolds = resolve_manifolds(manifold, params)
+        u_leaves, treedef = jax.tree.flatten(updates)
+        w_leaves = jax.tree.leaves(params)
+        items, where = [], []
+        for i, (u, w, m, aux) in enumerate(
+            zip(u_leaves, w_leaves, manifolds, state.aux, strict=True)
+        ):
+            if m is None:
+                continue
+            V = as_matrix(w.astype(jnp.float32) + u.astype(jnp.float32))
+            nb = V.ndim - 2
+            args = jax.tree.map(lambda a, nb=nb: a.reshape((-1,) + a.shape[nb:]), (V, aux))
+            key = (m, args[0].shape[1:], jax.tree.map(lambda a: a.shape[1:], args[1]))
+            items.append((key, args))
+            where.append(i)
+
+        def group_retract(key, V, aux):
+            m = key[0]
+            if m.runs_sharded:
+                return m.begin_retraction(V, aux, power_iters)
+            # Block iterations and the polish's Gram on whole matrices (see dual_ascent).
+            return run_replicated(
+                lambda V, a: m.begin_retraction(V, a, power_iters), sharding, V, aux
+            )
+
+        grouped = group_default(group)
+        out, auxes, pending = list(u_leaves), list(state.aux), []
+        for i, (new, aux, plan) in zip(
+            where, run_grouped(group_retract, items, grouped), strict=True
+        ):
+            w, u = w_leaves[i], u_leaves[i]
+            if plan is not None:  # polished below, all such leaves together
+                pending.append(Deferred(i, manifolds[i], new, plan, w, u.dtype))
+            else:
+                out[i] = update_to(new, w, u.dtype)
+            auxes[i] = reshaped(aux, state.aux[i])
+        finish_deferred(pending, out, sharding, grouped)
+        return jax.tree.unflatten(treedef, out), RetractState(tuple(auxes))
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def project_params(params, manifold_spec):
+    """Put (freshly initialized) parameters onto their manifolds.
+
+    Each manifold leaf is replaced by :meth:`~manifold_optax.Manifold.project`: the spheres
+    rescale (the spectral sphere by the exact ``σ_max``), Stiefel takes the polar factor (the
+    nearest point). Leaves without a manifold are returned unchanged; shapes and dtypes are
+    kept.
+
+    Args:
+      params: a pytree of arrays.
+      manifold_spec: a Manifold, a tree prefix of ``Manifold | None``, or a callable.
+
+    Returns:
+      The projected pytree.
+
+    Example:
+      >>> import jax.numpy as jnp, manifold_optax as mo
+      >>> p = mo.project_params({"w": jnp.ones((2, 2)), "b": jnp.ones(2)}, mo.Sphere())
+      >>> float(jnp.linalg.norm(p["w"])), p["b"].tolist()
+      (1.0, [1.0, 1.0])
+    """
+    manifolds = resolve_manifolds(manifold_spec, params)
+    leaves, treedef = jax.tree.flatten(params)
+    out = []
+    for x, m in zip(leaves, manifolds, strict=True):
+        if m is None:
+            out.append(x)
+            continue
+        new = m.project(as_matrix(jnp.asarray(x, jnp.float32)))
+        out.append(new.reshape(jnp.shape(x)).astype(jnp.result_type(x)))
+    return jax.tree.unflatten(treedef, out)

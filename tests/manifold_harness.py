@@ -1,0 +1,81 @@
+"""The shared harness of the manifold tests: the manifolds every contract test runs, points on
+them, and float64 references (nuclear norms and the dual bound) computed independently of the
+library."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import manifold_optax as mo
+
+#: Every manifold runs through the contract tests (``test_manifold_contract.py``); a new
+#: manifold is added here.
+MANIFOLDS = [mo.Stiefel(), mo.SpectralSphere(2.0), mo.Sphere(3.0)]
+SHAPES = [(64, 32), (32, 64), (40, 40), (64, 60), (200, 24)]
+
+#: bfloat16's machine epsilon (8-bit significand); its round-to-nearest unit round-off is u/2.
+BF16_EPS = 2.0**-8
+
+
+def manifold_id(m):
+    return type(m).__name__
+
+
+def point(m, shape, rng):
+    return mo.project_params(jnp.asarray(rng.standard_normal(shape), jnp.float32), m)
+
+
+def nuclear64(x):
+    return np.linalg.svd(np.asarray(x, np.float64), compute_uv=False).sum()
+
+
+def dual_bound(m, G, W, Y, aux):
+    """‖G + C_W*(Y)‖_* in float64 (Y is in normalized-gradient units: rescale it)."""
+    G64 = np.asarray(G, np.float64)
+    scale = np.linalg.norm(G64) / np.sqrt(min(G64.shape))
+    if isinstance(m, mo.Stiefel):
+        W64 = np.asarray(W, np.float64)
+        Y64 = np.asarray(Y, np.float64)
+        Y64 = (Y64 + Y64.T) / 2
+        # Tall: WY (WᵀW = I); wide and square: YW (the row form, WWᵀ = I).
+        adj = W64 @ Y64 if W64.shape[0] > W64.shape[1] else Y64 @ W64
+    else:
+        adj = float(Y) * np.asarray(m.theta(W, aux), np.float64)
+    return nuclear64(G64 + scale * adj)
+
+
+def normalized_dual(m, G, W, Y, aux):
+    """The dual objective ``‖Ĝ + C_W*(Y)‖_*`` in float64 (``Ĝ`` the normalized gradient, the
+    units the solvers keep ``Y`` in)."""
+    G64 = np.asarray(G, np.float64)
+    return dual_bound(m, G, W, Y, aux) / (np.linalg.norm(G64) / np.sqrt(min(G64.shape)))
+
+
+def train(m, solver, steps, rng):
+    x = jnp.asarray(rng.standard_normal((128, 24)), jnp.float32)
+    t = jnp.tanh(x @ jnp.asarray(rng.standard_normal((24, 12)) / 5, jnp.float32))
+    y = t @ jnp.asarray(rng.standard_normal((12, 3)), jnp.float32)
+    params = {
+        "w1": jnp.asarray(rng.standard_normal((24, 12)), jnp.float32),
+        "w2": jnp.asarray(rng.standard_normal((12, 3)), jnp.float32),
+        "b": jnp.zeros(3),
+    }
+    params = mo.project_params(params, m)
+    tx = mo.manifold_muon(0.03, m, solver=solver)
+    state = tx.init(params)
+
+    def loss(p):
+        return jnp.mean((jnp.tanh(x @ p["w1"]) @ p["w2"] + p["b"] - y) ** 2)
+
+    @jax.jit
+    def step(p, s):
+        value, g = jax.value_and_grad(loss)(p)
+        u, s = tx.update(g, s, p)
+        return optax.apply_updates(p, u), s, value
+
+    losses = []
+    for _ in range(steps):
+        params, state, value = step(params, state)
+        losses.append(float(value))
+    return params, losses
