@@ -116,8 +116,34 @@ def muon(
     ``normalization="frobenius"`` (defaults here are 5 Polar Express steps with Schatten-8
     normalization, which reach closer to the polar factor at the same cost).
 
-    References: Jordan et al., "Muon" (2024); Liu et al., "Muon is Scalable for LLM Training"
-    (arXiv:2502.16982); Amsel et al., "The Polar Express" (arXiv:2505.16932).
+    Args:
+      learning_rate: ``η`` of the matrices (a float or schedule).
+      ns_steps, ns_coeffs, normalization, eps, precision, compute_dtype, ns_method: the msign
+        (:func:`~manifold_optax.msign`).
+      beta, nesterov, bias_correction, mu_dtype: the momentum (:func:`momentum`).
+      weight_decay, weight_decay_mask: decoupled weight decay ``λ`` of the matrices.
+      consistent_rms: scale updates to this RMS instead (:func:`scale_by_shape`).
+      weight_dimension_numbers, fallback_patterns: which leaves are matrices (see above).
+      adam_*: the AdamW of the other leaves (``adam_learning_rate`` defaults to
+        ``learning_rate``).
+      group, sharding: batching of same-shape matrices and the many-device strategy.
+
+    Returns:
+      An ``optax.GradientTransformation`` (an ``optax.partition``).
+
+    Example:
+      >>> import jax.numpy as jnp, optax, manifold_optax as mo
+      >>> params = {"w": jnp.eye(3), "b": jnp.zeros(3)}
+      >>> tx = mo.muon(0.1)
+      >>> updates, _ = tx.update({"w": jnp.diag(jnp.array([1.0, 2.0, 3.0])),
+      ...                         "b": jnp.ones(3)}, tx.init(params), params)
+      >>> bool(jnp.allclose(updates["w"], -0.1 * jnp.eye(3), atol=2e-2))  # −η·msign(G)
+      True
+
+    References:
+      Jordan et al., "Muon: An optimizer for hidden layers in neural networks" (2024); Liu et
+      al., "Muon is Scalable for LLM Training" (arXiv:2502.16982); Amsel et al., "The Polar
+      Express" (arXiv:2505.16932).
     """
     if adam_learning_rate is None:
         adam_learning_rate = learning_rate
@@ -165,7 +191,8 @@ def trust_region(
     weight_dimension_numbers=None,
     **dualize_kwargs,
 ) -> optax.GradientTransformation:
-    r"""Kovalev's non-Euclidean trust-region method with momentum (arXiv:2503.12645; ``docs/math.md``, Trust region with momentum).
+    r"""Kovalev's non-Euclidean trust-region method with momentum (``docs/math.md``, Trust
+    region with momentum).
 
     ``m ← β·m + (1−β)·g`` (momentum *before* the map), then
     ``x ← argmin_{‖x − x_k‖ ≤ η} ⟨m, x⟩ = x_k − η·dualize(m)``. With ``radius=ρ`` (the
@@ -173,6 +200,29 @@ def trust_region(
     weight decay ``1/ρ``. The spectral norm gives Muon, ``"frobenius"`` normalized SGD with
     momentum, ``"sign"`` signSGD with momentum. ``norm`` may be a tree prefix of names.
     Non-matrix leaves under a matrix norm count as ``(1, d)`` matrices (see :func:`dualize`).
+
+    Args:
+      learning_rate: ``η``, the trust-region radius of one step (a float or schedule).
+      norm: a norm name of :data:`~manifold_optax.NORMS`, or a tree prefix of names.
+      beta: momentum decay.
+      radius: ``ρ`` of the constraint ``‖x‖ ≤ ρ`` (``None``: unconstrained).
+      nesterov: use the Nesterov look-ahead.
+      weight_dimension_numbers, **dualize_kwargs: as in :func:`~manifold_optax.dualize`.
+
+    Returns:
+      An ``optax.GradientTransformation``.
+
+    Example:
+      >>> import jax.numpy as jnp, optax, manifold_optax as mo
+      >>> tx = mo.trust_region(0.1, "sign")
+      >>> params = {"w": jnp.zeros(3)}
+      >>> updates, _ = tx.update({"w": jnp.array([1.0, -2.0, 0.5])}, tx.init(params))
+      >>> (updates["w"] / 0.1).tolist()  # −η·sign(m)
+      [-1.0, 1.0, -1.0]
+
+    References:
+      Kovalev, "Understanding Gradient Orthogonalization for Deep Learning via Non-Euclidean
+      Trust-Region Optimization" (arXiv:2503.12645, 2025).
     """
     if isinstance(norm, str):
         _norms.check_norm(norm)
@@ -254,8 +304,24 @@ def manifold_muon(
     for the manifold leaves (to float32 round-off; the spectral sphere's chain estimates ``Θ``
     with its own power block instead of reusing the retraction's top pair).
 
-    References: Bernstein, "Modular Manifolds" (Thinking Machines, 2025); Su, "Steepest descent
-    on manifolds" 1–5 (2025).
+    Returns:
+      An ``optax.GradientTransformation`` (an ``optax.partition``); its ``update`` needs
+      ``params``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, optax, manifold_optax as mo
+      >>> w0 = jax.random.normal(jax.random.key(0), (8, 4))
+      >>> params = mo.project_params({"w": w0, "b": jnp.zeros(4)}, mo.Stiefel())
+      >>> tx = mo.manifold_muon(0.05, mo.Stiefel())
+      >>> grads = {"w": jax.random.normal(jax.random.key(1), (8, 4)), "b": jnp.ones(4)}
+      >>> updates, _ = tx.update(grads, tx.init(params), params)
+      >>> w = optax.apply_updates(params, updates)["w"]
+      >>> bool(jnp.allclose(w.T @ w, jnp.eye(4), atol=1e-5))
+      True
+
+    References:
+      Bernstein, "Modular Manifolds" (Thinking Machines, 2025); Su Jianlin, "Steepest descent
+      on manifolds", parts 1–5 (kexue.fm, 2025).
     """
     if fallback not in ("adamw", "muon"):
         raise ValueError(f"fallback must be 'adamw' or 'muon', got {fallback!r}")

@@ -31,7 +31,7 @@ class Sphere(Manifold):
     Example:
       >>> import jax.numpy as jnp, manifold_optax as mo
       >>> W = mo.Sphere(2.0).retract(jnp.ones((3, 4)))
-      >>> float(jnp.linalg.norm(W))
+      >>> round(float(jnp.linalg.norm(W)), 5)
       2.0
 
     References:

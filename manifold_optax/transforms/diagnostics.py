@@ -38,8 +38,9 @@ def diagnostics(params, manifold_spec, opt_state=None, directions=None) -> dict:
     Call it outside ``jit`` for logging, or inside and log the arrays.
 
     Example:
-      >>> import jax.numpy as jnp, manifold_optax as mo
-      >>> p = mo.project_params({"w": jnp.ones((3, 2))}, mo.Stiefel())
+      >>> import jax, manifold_optax as mo
+      >>> w = jax.random.normal(jax.random.key(0), (3, 2))
+      >>> p = mo.project_params({"w": w}, mo.Stiefel())
       >>> d = mo.diagnostics(p, mo.Stiefel())
       >>> float(d["w"]["distance"]) < 1e-5
       True

@@ -38,8 +38,25 @@ def dualize(
     ``(1, d)`` matrices (a bias is the weight of a constant input), for which ``spectral`` is
     ℓ2 normalization and ``rms`` scales to unit RMS. Frobenius and sign act on whole leaves.
 
-    References: Bernstein & Newhouse, "Old Optimizer, New Norm" (arXiv:2409.20325);
-    ``docs/math.md`` (Steepest descent under a norm).
+    Args:
+      norm: a norm name or a tree prefix of names (or a callable returning one).
+      weight_dimension_numbers: the matrix view of each leaf, as in :func:`orthogonalize`.
+      ns_steps, ns_coeffs, normalization, precision, compute_dtype, group, ns_method,
+        sharding: the msign of the spectral and RMS norms, as in :func:`orthogonalize`.
+
+    Returns:
+      A stateless ``optax.GradientTransformation``.
+
+    Example:
+      >>> import jax.numpy as jnp, manifold_optax as mo
+      >>> tx = mo.dualize("frobenius")
+      >>> u, _ = tx.update({"w": jnp.array([[3.0, 4.0]])}, tx.init(None))
+      >>> u["w"].tolist()
+      [[0.6000000238418579, 0.800000011920929]]
+
+    References:
+      Bernstein & Newhouse, "Old Optimizer, New Norm" (arXiv:2409.20325); ``docs/math.md``
+      (Steepest descent under a norm).
     """
     is_name = lambda x: isinstance(x, str)
     if is_name(norm):

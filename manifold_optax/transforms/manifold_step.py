@@ -87,10 +87,11 @@ def manifold_step(
 
     Example:
       >>> import jax, jax.numpy as jnp, optax, manifold_optax as mo
-      >>> params = mo.project_params({"w": jnp.ones((4, 3))}, mo.Stiefel())
+      >>> w0 = jax.random.normal(jax.random.key(0), (4, 3))
+      >>> params = mo.project_params({"w": w0}, mo.Stiefel())
       >>> tx = mo.manifold_step(mo.Stiefel(), 0.1)
       >>> state = tx.init(params)
-      >>> grads = {"w": jax.random.normal(jax.random.key(0), (4, 3))}
+      >>> grads = {"w": jax.random.normal(jax.random.key(1), (4, 3))}
       >>> updates, state = tx.update(grads, state, params)
       >>> w = optax.apply_updates(params, updates)["w"]
       >>> bool(jnp.allclose(w.T @ w, jnp.eye(3), atol=1e-5))

@@ -53,7 +53,7 @@ def scale_by_modular_norm(
     ``Σ_l ⟨G_l, ΔW_l⟩ + (λ/2)·max_l s_l²‖ΔW_l‖_l²`` is minimized by
     ``ΔW_l = −(1/λ)(η/s_l)·dualize_l(G_l)`` with the single global ``η = Σ_k ‖G_k‖_k† / s_k``.
     This transformation returns the positive direction ``(η/s_l)·dualize_l(G_l)``; follow it with
-    ``optax.scale_by_learning_rate(1/λ)``. The dual norms are measured as ``⟨G_l, dualize_l(G_l)⟩``
+    ``optax.scale_by_learning_rate(1/λ)``. The dual norms are computed as ``⟨G_l, dualize_l(G_l)⟩``
     (exact for an exact dualize; with Newton–Schulz it is the decrease the actual direction
     achieves).
 
@@ -61,6 +61,17 @@ def scale_by_modular_norm(
       norms: a norm name, or a tree prefix of names (or callable) choosing each leaf's norm.
       scales: a positive float, or a tree prefix of floats (or callable) giving ``s_l``.
       weight_dimension_numbers, **dualize_kwargs: as for :func:`dualize`.
+
+    Returns:
+      A stateless ``optax.GradientTransformation``.
+
+    Example:
+      >>> import jax.numpy as jnp, manifold_optax as mo
+      >>> tx = mo.scale_by_modular_norm("frobenius", scales={"a": 1.0, "b": 2.0})
+      >>> g = {"a": jnp.array([[3.0, 4.0]]), "b": jnp.array([[0.0, 2.0]])}
+      >>> u, _ = tx.update(g, tx.init(None))
+      >>> float(u["a"][0, 1]), float(u["b"][0, 1])  # η = 5/1 + 2/2 = 6
+      (4.800000190734863, 3.0)
     """
     inner = dualize(norms, weight_dimension_numbers, **dualize_kwargs)
     is_scale = lambda x: isinstance(x, int | float)

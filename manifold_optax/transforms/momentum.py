@@ -38,6 +38,16 @@ def momentum(
       nesterov: use the Nesterov look-ahead.
       bias_correction: divide by ``1 − β^t`` (optax's convention).
       mu_dtype: dtype to store the moment in (e.g. ``jnp.bfloat16``); computed in float32.
+
+    Returns:
+      An ``optax.GradientTransformation`` with a :class:`MomentumState`.
+
+    Example:
+      >>> import jax.numpy as jnp, manifold_optax as mo
+      >>> tx = mo.momentum(0.9, nesterov=False)
+      >>> u, s = tx.update(jnp.ones(2), tx.init(jnp.zeros(2)))
+      >>> [round(x, 5) for x in u.tolist()]  # m₁/(1 − β) = g: the zero start is undone
+      [1.0, 1.0]
     """
     mu_dtype = None if mu_dtype is None else jnp.dtype(mu_dtype)
 
