@@ -375,7 +375,7 @@ def test_grouped_leaves_match_one_leaf_at_a_time(m, rng):
 
 
 @pytest.mark.parametrize("m", MANIFOLDS, ids=manifold_id)
-@pytest.mark.parametrize("shape", [(24, 10), (10, 24), (3, 12, 12)])
+@pytest.mark.parametrize("shape", [(24, 10), (3, 10, 24)])
 def test_adjoint_is_the_adjoint_of_the_constraint(m, shape, rng):
     # ⟨Y, C_W(Φ)⟩ = ⟨C_W*(Y), Φ⟩ for any multiplier Y and direction Φ: the identity that makes
     # the constraint residual the dual gradient. (Stiefel's multiplier is symmetric.)
@@ -384,16 +384,21 @@ def test_adjoint_is_the_adjoint_of_the_constraint(m, shape, rng):
     Y = jnp.asarray(rng.standard_normal(m.multiplier_shape(shape)), jnp.float32)
     if Y.ndim == W.ndim:
         Y = Y + jnp.swapaxes(Y, -1, -2)
-    theta = None if m.theta(W) is None else m.theta(W)
-    c = m.constraint(W, Phi, theta)
-    lhs = jnp.sum((Y * c).reshape(shape[:-2] + (-1,)), axis=-1)
-    rhs = jnp.sum(m.adjoint(W, Y, theta) * Phi, axis=(-2, -1))
+
+    @jax.jit
+    def both(W, Phi, Y):
+        theta = m.theta(W)
+        c = m.constraint(W, Phi, theta)
+        lhs = jnp.sum((Y * c).reshape(shape[:-2] + (-1,)), axis=-1)
+        return lhs, jnp.sum(m.adjoint(W, Y, theta) * Phi, axis=(-2, -1))
+
+    lhs, rhs = both(W, Phi, Y)
     scale = float(jnp.max(jnp.abs(Y))) * float(jnp.linalg.norm(Phi)) * np.sqrt(shape[-1])
     np.testing.assert_allclose(lhs, rhs, atol=1e-5 * scale)
 
 
 @pytest.mark.parametrize("m", MANIFOLDS, ids=manifold_id)
-@pytest.mark.parametrize("shape", [(48, 16), (16, 48), (2, 24, 24)])
+@pytest.mark.parametrize("shape", [(48, 16), (2, 24, 24)])
 def test_fused_step_equals_the_templates_generic_step(m, shape, rng):
     # Each manifold's own online_retracted_step computes the template's generic one (dual step,
     # W − ηΦ, then the retraction) with fewer passes; the two agree to float32 round-off (the
@@ -404,7 +409,7 @@ def test_fused_step_equals_the_templates_generic_step(m, shape, rng):
     Y = jnp.asarray(0.1 * rng.standard_normal(m.multiplier_shape(shape)), jnp.float32)
     if Y.ndim == W.ndim:
         Y = Y + jnp.swapaxes(Y, -1, -2)
-    aux = m.update_aux(W, m.init_aux(W), 30)
+    aux = jax.jit(lambda W: m.update_aux(W, m.init_aux(W), 30))(W)
     lr, eta = jnp.float32(0.05), 0.3
 
     def fused(G, W, Y, aux):

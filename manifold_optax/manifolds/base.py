@@ -51,7 +51,6 @@ class SolverConfig:
       inner_steps: dual-ascent steps per call (``"dual_ascent"``).
       dual_learning_rate: ``η₂`` of the dual step, in units of the normalized gradient
         (``None``: the manifold's :attr:`~Manifold.default_dual_learning_rate`).
-      cg_iters: conjugate-gradient iterations per Newton step (reserved for Newton solvers).
       power_iters: degree of the warm-started block iteration that refreshes a manifold's
         auxiliary state per call (the spectral sphere's ``Θ``; a cold start runs 30+).
     """
@@ -61,7 +60,6 @@ class SolverConfig:
     tol: float = 1e-6
     inner_steps: int = 20
     dual_learning_rate: float | None = None
-    cg_iters: int = 30
     power_iters: int = 2
 
 
