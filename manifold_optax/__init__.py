@@ -1,5 +1,6 @@
 """manifold_optax: steepest descent under the spectral norm and on matrix manifolds, for optax."""
 
+from manifold_optax import manifolds
 from manifold_optax.alias import manifold_muon, muon, trust_region
 from manifold_optax.labels import MuonDimensionNumbers, label_params, path_to_str
 from manifold_optax.linalg import (
@@ -10,7 +11,7 @@ from manifold_optax.linalg import (
     spectral_norm,
     top_singular_pair,
 )
-from manifold_optax.manifolds import Manifold, SolverConfig, SpectralSphere, Sphere, Stiefel
+from manifold_optax.manifolds import *  # noqa: F403  (Manifold, SolverConfig, each manifold)
 from manifold_optax.norms import NORMS, dual_norm, dualize_array, primal_norm
 from manifold_optax.schedules import get_schedule, polar_express_coefficients
 from manifold_optax.sharding import MsignSharding, collective_bytes, state_shardings
@@ -58,11 +59,7 @@ __all__ = [
     "muon",
     "manifold_muon",
     "trust_region",
-    "Manifold",
-    "Sphere",
-    "SpectralSphere",
-    "Stiefel",
-    "SolverConfig",
+    *manifolds.__all__,
     "dual_ascent",
     "retract",
     "manifold_step",

@@ -33,11 +33,7 @@ GROUPS = {
     ],
     "Optimizers (`alias.py`)": ["muon", "manifold_muon", "trust_region"],
     "Manifolds (`manifolds/`, `transforms/`)": [
-        "Manifold",
-        "Sphere",
-        "SpectralSphere",
-        "Stiefel",
-        "SolverConfig",
+        *mo.manifolds.__all__,
         "by_shape",
         "project_params",
         "resolve_manifolds",
