@@ -21,7 +21,6 @@ import argparse
 import json
 import math
 import pathlib
-import platform
 import sys
 
 import jax
@@ -30,6 +29,7 @@ import numpy as np
 from optax.contrib._muon import orthogonalize_via_newton_schulz
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
+from _machine import machine  # noqa: E402
 from _timing import time_interleaved  # noqa: E402
 
 import manifold_optax as mo  # noqa: E402
@@ -166,9 +166,7 @@ def main():
         ]
         print(f"| {name} | {k} | " + " | ".join(f"{v:.2e}" for v in vals) + " |")
     result = {
-        "platform": platform.platform(),
-        "device": jax.devices()[0].device_kind,
-        "jax": jax.__version__,
+        "machine": machine(),
         "speed": speed,
         "accuracy": acc,
     }

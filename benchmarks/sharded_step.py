@@ -18,7 +18,9 @@ import argparse  # noqa: E402
 import functools  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
+import pathlib  # noqa: E402
 import statistics  # noqa: E402
+import sys  # noqa: E402
 import time  # noqa: E402
 
 import jax  # noqa: E402
@@ -27,6 +29,9 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 from jax.sharding import Mesh, NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
+
+sys.path.insert(0, str(pathlib.Path(__file__).parent))
+from _machine import machine  # noqa: E402
 
 import manifold_optax as mo  # noqa: E402
 from manifold_optax import sharding as S  # noqa: E402
@@ -194,7 +199,7 @@ def main():
         )
     if a.json:
         with open(a.json, "w") as f:
-            json.dump(rows, f, indent=1)
+            json.dump({"machine": machine(), "rows": rows}, f, indent=1)
 
 
 if __name__ == "__main__":

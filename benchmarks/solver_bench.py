@@ -25,6 +25,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
+from _machine import machine  # noqa: E402
 from _timing import time_interleaved  # noqa: E402
 
 import manifold_optax as mo  # noqa: E402
@@ -155,7 +156,7 @@ def main():
             f"{h['heuristic_feasible']:.1f} | {100 * loss:.1f}% |"
         )
     out = pathlib.Path(__file__).parent / "results" / "solvers.json"
-    out.write_text(json.dumps(result, indent=1))
+    out.write_text(json.dumps({"machine": machine(), **result}, indent=1))
     print(f"\nwrote {out}")
 
 

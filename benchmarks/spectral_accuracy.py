@@ -26,7 +26,6 @@ import argparse
 import json
 import math
 import pathlib
-import platform
 import statistics
 import sys
 
@@ -36,6 +35,7 @@ import optax
 from flax import nnx
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
+from _machine import machine  # noqa: E402
 from _timing import time_interleaved  # noqa: E402
 from step_bench import reference_tree  # noqa: E402
 
@@ -138,8 +138,7 @@ def main():
             f"{r['median_violation']:.1e} | {100 * r['test_accuracy']:.1f}% | {time} |"
         )
     out = pathlib.Path(__file__).parent / "results" / "spectral_accuracy.json"
-    meta = {"platform": platform.platform(), "device": jax.devices()[0].device_kind}
-    out.write_text(json.dumps({**meta, "rows": rows}, indent=1))
+    out.write_text(json.dumps({"machine": machine(), "rows": rows}, indent=1))
     print(f"\nwrote {out}")
 
 

@@ -28,7 +28,6 @@ import argparse
 import json
 import math
 import pathlib
-import platform
 import statistics
 import sys
 
@@ -38,6 +37,7 @@ import optax
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
 from _flops import matmul_flops  # noqa: E402
+from _machine import machine  # noqa: E402
 from _timing import time_interleaved  # noqa: E402
 
 import manifold_optax as mo  # noqa: E402
@@ -203,9 +203,8 @@ def main():
     out.write_text(
         json.dumps(
             {
+                "machine": machine(),
                 "d": d,
-                "platform": platform.platform(),
-                "device": jax.devices()[0].device_kind,
                 "ns_gflop": flops / 1e9,
                 "roofline_ms": 1e3 * t_roof,
                 "rows": rows,

@@ -32,6 +32,7 @@ import jax
 import optax
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
+from _machine import machine  # noqa: E402
 from step_bench import optimizers, reference_tree, tx_manifold  # noqa: E402
 
 import manifold_optax as mo  # noqa: E402
@@ -147,9 +148,8 @@ def main():
     out = pathlib.Path(__file__).parent / "results"
     out.mkdir(exist_ok=True)
     path = out / f"step_profile_{jax.default_backend()}{'_wide' if a.wide else ''}.json"
-    meta = {"backend": jax.default_backend(), "device": str(jax.devices()[0]), "d": d}
-    meta |= {"jax": jax.__version__, "optax": optax.__version__}
-    path.write_text(json.dumps({"meta": meta, "results": results}, indent=2))
+    meta = {"d": d, "optax": optax.__version__}
+    path.write_text(json.dumps({"machine": machine(), "meta": meta, "results": results}, indent=2))
     print(f"\nwrote {path}")
 
 

@@ -17,6 +17,7 @@ import argparse
 import json
 import math
 import pathlib
+import sys
 import sysconfig
 import time
 
@@ -27,6 +28,9 @@ import optax
 from flax import nnx
 
 import manifold_optax as mo
+
+sys.path.insert(0, str(pathlib.Path(__file__).parent))
+from _machine import machine  # noqa: E402
 
 RESULTS = pathlib.Path(__file__).parent / "results"
 
@@ -278,7 +282,14 @@ def main():
     tag = "train_lm" + ("_large" if a.large else "") + ("_quick" if a.quick else "")
     (RESULTS / f"{tag}.json").write_text(
         json.dumps(
-            {"config": cfg, "params": n_params, "target": target, "summary": summary, "runs": runs},
+            {
+                "machine": machine(),
+                "config": cfg,
+                "params": n_params,
+                "target": target,
+                "summary": summary,
+                "runs": runs,
+            },
             indent=1,
         )
     )

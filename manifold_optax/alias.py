@@ -207,7 +207,8 @@ def trust_region(
       beta: momentum decay.
       radius: ``ρ`` of the constraint ``‖x‖ ≤ ρ`` (``None``: unconstrained).
       nesterov: use the Nesterov look-ahead.
-      weight_dimension_numbers, **dualize_kwargs: as in :func:`~manifold_optax.dualize`.
+      weight_dimension_numbers: as in :func:`~manifold_optax.dualize`.
+      **dualize_kwargs: the msign options of :func:`~manifold_optax.dualize`.
 
     Returns:
       An ``optax.GradientTransformation``.
@@ -293,9 +294,11 @@ def manifold_muon(
         ``Manifold | None``, or a callable ``params → such a tree``.
       solver: ``"online"`` (default: one dual step per training step, the multiplier in the
         state — one msign per step), ``"dual_ascent"``, ``"exact"`` or ``"fixed_point"``.
-      dual_learning_rate, inner_steps, ns_steps, ns_coeffs, compute_dtype, exact_config,
-        init_tolerance, sharding, group: see :func:`dual_ascent` (``compute_dtype`` also
-        applies to the ``fallback="muon"`` matrices).
+      dual_learning_rate, inner_steps, exact_config, init_tolerance: see
+        :func:`dual_ascent`.
+      ns_steps, ns_coeffs, compute_dtype: the msign, as in :func:`dual_ascent`
+        (``compute_dtype`` also applies to the ``fallback="muon"`` matrices).
+      sharding, group: many devices and batching, as in :func:`dual_ascent`.
       power_iters: the spectral sphere retraction's filter degree, its accuracy against its
         cost: see :func:`manifold_step` and ``benchmarks/spectral_accuracy.py``.
 

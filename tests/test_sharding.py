@@ -31,7 +31,7 @@ def sharded_rows(tmp_path_factory):
         cwd=ROOT,
         timeout=900,
     )
-    return json.loads(out.read_text())
+    return json.loads(out.read_text())["rows"]
 
 
 @pytest.mark.slow

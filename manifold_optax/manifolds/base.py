@@ -85,7 +85,7 @@ class Manifold:
     ``multiplier_shape``, ``theta`` for a scalar multiplier, ``retract``, ``distance``) and
     overrides a hook only where it has a cheaper or exact form of the generic one.
 
-    Class attributes:
+    Attributes:
       vector_ok: 0-D/1-D leaves are allowed (as ``(1, d)`` rows).
       default_dual_learning_rate: ``η₂`` when none is given.
       project_dual_direction: the dual-ascent solvers return ``Φ`` projected onto the tangent

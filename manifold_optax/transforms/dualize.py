@@ -41,8 +41,9 @@ def dualize(
     Args:
       norm: a norm name or a tree prefix of names (or a callable returning one).
       weight_dimension_numbers: the matrix view of each leaf, as in :func:`orthogonalize`.
-      ns_steps, ns_coeffs, normalization, precision, compute_dtype, group, ns_method,
-        sharding: the msign of the spectral and RMS norms, as in :func:`orthogonalize`.
+      ns_steps, ns_coeffs, normalization, precision, compute_dtype: the msign of the
+        spectral and RMS norms, as in :func:`orthogonalize`.
+      group, ns_method, sharding: as in :func:`orthogonalize`.
 
     Returns:
       A stateless ``optax.GradientTransformation``.

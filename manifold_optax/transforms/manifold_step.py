@@ -73,9 +73,11 @@ def manifold_step(
     Args:
       manifold: a Manifold, a tree prefix of ``Manifold | None``, or a callable returning one.
       learning_rate: ``η``, a float or an optax schedule of the step count.
-      solver, dual_learning_rate, inner_steps, ns_steps, ns_coeffs, compute_dtype,
-        exact_config, init_tolerance, sharding, group: as in
+      solver, dual_learning_rate, inner_steps, exact_config: as in
         :func:`~manifold_optax.dual_ascent`.
+      ns_steps, ns_coeffs, compute_dtype: the online msign, as in
+        :func:`~manifold_optax.dual_ascent`.
+      init_tolerance, sharding, group: as in :func:`~manifold_optax.dual_ascent`.
       power_iters: the degree of the spectral sphere retraction's warm Chebyshev-filtered
         block iteration (as in :func:`~manifold_optax.retract`);
         ``benchmarks/spectral_accuracy.py`` measures ``|‖W‖₂ − r|/r`` over a training run

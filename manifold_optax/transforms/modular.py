@@ -60,7 +60,8 @@ def scale_by_modular_norm(
     Args:
       norms: a norm name, or a tree prefix of names (or callable) choosing each leaf's norm.
       scales: a positive float, or a tree prefix of floats (or callable) giving ``s_l``.
-      weight_dimension_numbers, **dualize_kwargs: as for :func:`dualize`.
+      weight_dimension_numbers: as for :func:`dualize`.
+      **dualize_kwargs: the msign options of :func:`dualize`.
 
     Returns:
       A stateless ``optax.GradientTransformation``.

@@ -1,0 +1,50 @@
+"""The documentation cannot rot: the site builds with warnings as errors, the README's Python
+blocks run as written, and the benchmarks page is what its generator makes of the results."""
+
+import pathlib
+import re
+import subprocess
+import sys
+import warnings
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def test_docs_build_without_warnings(tmp_path):
+    # In-process (the suite has jax imported already); notebooks are not executed here (the
+    # notebook tests run them), everything else is built as the site is.
+    from sphinx.cmd.build import build_main
+
+    args = ["-W", "--keep-going", "-q", "-b", "html", "-D", "nb_execution_mode=off"]
+    with warnings.catch_warnings():  # the extensions' own Python deprecation warnings
+        warnings.simplefilter("ignore")
+        assert build_main([*args, str(ROOT / "docs"), str(tmp_path / "html")]) == 0
+    api = (tmp_path / "html" / "api_reference.html").read_text()
+    assert "manifold_muon" in api and "Example" in api
+
+
+def test_readme_python_blocks_run():
+    blocks = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+    assert len(blocks) >= 2
+    namespace: dict = {}
+    for block in blocks:  # in order, in one namespace, as a reader would paste them
+        exec(compile(block, "README.md", "exec"), namespace)
+
+
+def test_readme_is_short():
+    assert len((ROOT / "README.md").read_text().splitlines()) <= 250
+
+
+def test_benchmarks_page_is_generated_from_the_results(tmp_path):
+    subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "make_benchmarks_page.py"), "--out", str(tmp_path)],
+        check=True,
+        capture_output=True,
+    )
+    committed = (ROOT / "docs" / "benchmarks.md").read_text()
+    assert (tmp_path / "benchmarks.md").read_text() == committed, (
+        "docs/benchmarks.md is stale: run python tools/make_benchmarks_page.py"
+    )
+    for image in re.findall(r"\]\((benchmarks_plots/[^)]+)\)", committed):
+        assert (ROOT / "docs" / image).exists(), image
+    assert committed.count("*Machine:*") >= 6

@@ -1,0 +1,355 @@
+"""Generate ``docs/benchmarks.md`` and its plots from ``benchmarks/results/*.json``.
+
+Run ``python tools/make_benchmarks_page.py`` after a benchmark script has written new results;
+``--out DIR`` writes the page and its plots elsewhere (the test suite compares the page with
+the committed one). Every section names the machine its result file records.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+PLOTS = "benchmarks_plots"  # folder of the plots, next to the page
+
+MACHINE_FIELDS = ("cpu", "cores", "backend", "device", "jax", "jaxlib", "date")
+
+
+def load(name):
+    path = RESULTS / name
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def machine_line(result) -> str:
+    """One line naming the machine a result file records; older files recorded fewer fields
+    (``platform``, ``device``, ``jax``), and a field a file lacks reads "not recorded"."""
+    m = dict(result.get("machine") or {})
+    for key in ("platform", "device", "jax", "backend"):
+        if key not in m:
+            m[key] = result.get(key, (result.get("meta") or {}).get(key))
+    parts = []
+    for key in (*MACHINE_FIELDS, "platform"):
+        v = m.get(key)
+        parts.append(f"{key} {v if v not in (None, '') else 'not recorded'}")
+    return "*Machine:* " + "; ".join(parts) + "."
+
+
+def table(header, rows) -> list[str]:
+    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    out += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return out
+
+
+def g(x, fmt=".3g"):
+    return "—" if x is None else format(x, fmt)
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    plt.rcParams.update({"figure.dpi": 100, "savefig.dpi": 100, "font.size": 9})
+    return plt
+
+
+def save(fig, out_dir, name) -> str:
+    (out_dir / PLOTS).mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_dir / PLOTS / name, bbox_inches="tight", metadata={"Software": None})
+    _plt().close(fig)
+    return f"![{name}]({PLOTS}/{name})"
+
+
+def msign_section(out_dir) -> list[str]:
+    lines = ["## msign", ""]
+    lines += [
+        "`python benchmarks/msign_bench.py`: the time of 5 Newton–Schulz steps against the same",
+        "FLOPs as one plain batched matmul (the roofline fraction), optax's",
+        "`orthogonalize_via_newton_schulz` and an SVD; and the accuracy `max|σ − 1|` of each",
+        "schedule against its step count on a 256×256 matrix with a log-uniform spectrum.",
+        "",
+    ]
+    for name in ("msign.json", "msign_h100_f32.json", "msign_h100_bf16.json"):
+        r = load(name)
+        if r is None:
+            continue
+        lines += [f"**{name}**", "", machine_line(r), ""]
+        rows = [
+            (
+                "×".join(map(str, s["shape"])),
+                s.get("dtype", "float32"),
+                g(s["ours_ms"]),
+                g(s.get("ours_roofline_fraction"), ".2f"),
+                g(s.get("optax_ms")),
+                g(s.get("optax_roofline_fraction"), ".2f"),
+                g(s.get("svd_ms")),
+            )
+            for s in r["speed"]
+        ]
+        header = ("shape", "dtype", "ours ms", "ours / roofline", "optax ms", "optax / roofline")
+        lines += table((*header, "SVD ms"), rows) + [""]
+    r = load("msign.json")
+    if r is not None:
+        plt = _plt()
+        fig, axes = plt.subplots(1, 2, figsize=(9, 3.2), sharey=True)
+        for ax, lo in zip(axes, (1e-2, 1e-3), strict=True):
+            acc = [a for a in r["accuracy"] if a["sigma_min_ratio"] == lo]
+            for sched in sorted({a["schedule"] for a in acc}):
+                pts = sorted(
+                    (a["steps"], a["max_abs_sigma_minus_1"])
+                    for a in acc
+                    if a["schedule"] == sched and a["normalization"] == "schatten8"
+                )
+                ax.semilogy(*zip(*pts, strict=True), marker="o", label=sched)
+            ax.set_title(f"σ_min/σ_max = {lo:g} (Schatten-8)")
+            ax.set_xlabel("Newton–Schulz steps")
+        axes[0].set_ylabel("max |σ − 1|")
+        axes[0].legend()
+        lines += [save(fig, out_dir, "msign_accuracy.png"), ""]
+    return lines
+
+
+def step_section(out_dir) -> list[str]:
+    lines = ["## Optimizer step", ""]
+    lines += [
+        "`python benchmarks/step_bench.py` (`--wide` for d = 512): one jitted step on a",
+        "reference tree of 4 transformer blocks (q, k, v, o, up, down and a scale vector per",
+        "block), after 20 warm-up steps. Ratios are medians over rounds of the ratio within a",
+        "round, with quartiles; matmul FLOPs are counted from each step's jaxpr.",
+        "",
+    ]
+    plot_rows = {}
+    for name in ("step.json", "step_wide.json", "step_h100.json"):
+        r = load(name)
+        if r is None:
+            continue
+        lines += [f"**{name}** (d = {r['d']})", "", machine_line(r), ""]
+        rows = []
+        for row in r["rows"]:
+            q = row.get("vs_muon_default_quartiles")
+            quart = f" ({q[0]:.2f}–{q[1]:.2f})" if q else ""
+            rows.append(
+                (
+                    row["optimizer"],
+                    g(row["ms"]),
+                    g(row["vs_muon_default"], ".2f") + quart,
+                    g(row["vs_optax_muon"], ".2f"),
+                    g(row.get("flops_vs_muon_default"), ".3f"),
+                )
+            )
+        header = ("optimizer", "ms/step", "× `mo.muon`", "× optax muon", "matmul FLOPs × muon")
+        lines += table(header, rows) + [""]
+        plot_rows[name] = r["rows"]
+    if plot_rows:
+        plt = _plt()
+        fig, ax = plt.subplots(figsize=(9, 3.4))
+        names = [row["optimizer"] for row in next(iter(plot_rows.values()))]
+        width = 0.8 / len(plot_rows)
+        for k, (fname, rows) in enumerate(plot_rows.items()):
+            by = {row["optimizer"]: row["vs_muon_default"] for row in rows}
+            xs = [i + k * width for i in range(len(names))]
+            ax.bar(xs, [by.get(n, 0.0) for n in names], width, label=fname)
+        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(names))])
+        ax.set_xticklabels(names, rotation=30, ha="right")
+        ax.set_ylabel("time × mo.muon")
+        ax.axhline(1.0, color="k", lw=0.6)
+        ax.legend()
+        lines += [save(fig, out_dir, "step_ratios.png"), ""]
+    r = load("step_profile_cpu.json")
+    if r is not None:
+        lines += [
+            "**Operations per step** (`python benchmarks/step_profile.py`: the ops a step",
+            "executes, from a `jax.profiler` trace; unlike times, they do not move with load)",
+            "",
+            machine_line(r),
+            "",
+        ]
+        rows = [(k, int(v["ops"]), g(v["wall_ms"])) for k, v in r["results"].items()]
+        lines += table(("optimizer", "ops", "wall ms"), rows) + [""]
+    return lines
+
+
+def solver_section(out_dir) -> list[str]:
+    r = load("solvers.json")
+    if r is None:
+        return []
+    lines = ["## Multiplier solvers", ""]
+    lines += [
+        "`python benchmarks/solver_bench.py`: Stiefel's solvers to a tangent violation of",
+        f"{r['tol']:g} ({r['dtype']}); iterations and time in units of one msign.",
+        "",
+        machine_line(r),
+        "",
+    ]
+    rows = []
+    for shape, by in r["shapes"].items():
+        for solver, v in by.items():
+            rows.append((shape, solver, v["iters"], g(v["violation"], ".1e"), g(v["msign_eq"])))
+    lines += table(("shape", "solver", "iterations", "violation", "time in msigns"), rows)
+    lines += [""]
+    h = r.get("heuristic_64x32") or []
+    if h:
+        lines += [
+            '"Project G, then msign", made feasible, against the exact optimum (64×32):',
+            "",
+        ]
+        rows = [
+            (s, g(x["exact"], ".1f"), g(x["heuristic_feasible"], ".1f")) for s, x in enumerate(h)
+        ]
+        lines += table(("seed", "exact ⟨G, Φ⟩", "heuristic ⟨G, Φ⟩"), rows) + [""]
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 3))
+    shapes = list(r["shapes"])
+    solvers = sorted({s for by in r["shapes"].values() for s in by})
+    width = 0.8 / len(solvers)
+    for k, solver in enumerate(solvers):
+        xs = [i + k * width for i in range(len(shapes))]
+        ax.bar(
+            xs,
+            [r["shapes"][s].get(solver, {}).get("iters", 0) for s in shapes],
+            width,
+            label=solver,
+        )
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(shapes))])
+    ax.set_xticklabels(shapes)
+    ax.set_yscale("log")
+    ax.set_ylabel("iterations")
+    ax.legend()
+    lines += [save(fig, out_dir, "solver_iterations.png"), ""]
+    return lines
+
+
+def spectral_section(out_dir) -> list[str]:
+    r = load("spectral_accuracy.json")
+    if r is None:
+        return []
+    lines = ["## Spectral sphere retraction", ""]
+    lines += [
+        "`python benchmarks/spectral_accuracy.py`: the worst and median `|‖W‖₂ − r|/r` after",
+        "each of the digits demo's steps, against the warm block iteration's filter and degree.",
+        "",
+        machine_line(r),
+        "",
+    ]
+    rows = [
+        (
+            x["filter"],
+            x["degree"],
+            x["block"],
+            g(x["worst_violation"], ".1e"),
+            g(x["median_violation"], ".1e"),
+            g(x.get("step_vs_muon"), ".2f"),
+        )
+        for x in r["rows"]
+    ]
+    header = ("filter", "degree", "block", "worst", "median", "step × muon")
+    return lines + table(header, rows) + [""]
+
+
+def sharding_section(out_dir) -> list[str]:
+    r = load("sharding.json")
+    if r is None:
+        return []
+    if isinstance(r, list):
+        r = {"rows": r}
+    lines = ["## Many devices", ""]
+    lines += [
+        "`python benchmarks/sharded_step.py --json FILE` on 8 simulated CPU devices: the bytes",
+        "each device receives per step over the bytes of all matrix parameters, and the",
+        "largest difference from one device.",
+        "",
+        machine_line(r),
+        "",
+    ]
+    rows = [
+        (
+            x["optimizer"],
+            x["mesh"],
+            x["strategy"],
+            g(x["collective_ratio"], ".2f"),
+            g(x["max_rel_diff"], ".1e"),
+        )
+        for x in r["rows"]
+    ]
+    header = ("optimizer", "mesh", "strategy", "bytes / matrix bytes", "max rel. diff")
+    return lines + table(header, rows) + [""]
+
+
+def lm_section(out_dir) -> list[str]:
+    r = load("train_lm.json")
+    if r is None:
+        return []
+    c = r["config"]
+    lines = ["## Character-level language model", ""]
+    lines += [
+        "`python benchmarks/train_lm.py`: a "
+        f"{r['params'] / 1e6:.2f}M-parameter transformer ({c['layers']} layers, d = {c['d']}),",
+        f"{c['steps']} steps of {c['batch']}×{c['seq']} characters of Python source; each",
+        "optimizer at its best learning rate of three.",
+        "",
+        machine_line(r),
+        "",
+    ]
+    rows = []
+    for name, s in r["summary"].items():
+        steps = s["steps_to_target"]
+        rows.append(
+            (
+                name,
+                s["lr"],
+                g(s["final_val"], ".4f"),
+                steps if steps is not None else "not reached",
+                g(s.get("ratio"), ".2f"),
+            )
+        )
+    header = ("optimizer", "lr", "final val loss", "steps to AdamW's final", "ratio")
+    lines += table(header, rows) + [""]
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 3.4))
+    for run in r["runs"]:
+        best = r["summary"].get(run["optimizer"], {}).get("lr")
+        if run["lr"] != best:
+            continue
+        steps, _, val = zip(*run["curve"], strict=True)
+        ax.plot(steps, val, label=f"{run['optimizer']} ({run['lr']:g})")
+    ax.set_xlabel("step")
+    ax.set_ylabel("validation loss")
+    ax.legend()
+    lines += [save(fig, out_dir, "train_lm.png"), ""]
+    return lines
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default=str(ROOT / "docs"), help="folder of the page and plots")
+    a = ap.parse_args(argv)
+    out_dir = pathlib.Path(a.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    lines = [
+        "# Benchmarks",
+        "",
+        "Generated by `python tools/make_benchmarks_page.py` from `benchmarks/results/*.json`;",
+        "each section names the machine its result file records and the command that re-runs",
+        "it. Times are medians over interleaved rounds; ratios are taken within a round, which",
+        "cancels most of a shared machine's drift.",
+        "",
+    ]
+    for section in (
+        msign_section,
+        step_section,
+        solver_section,
+        spectral_section,
+        sharding_section,
+        lm_section,
+    ):
+        lines += section(out_dir)
+    (out_dir / "benchmarks.md").write_text("\n".join(lines).rstrip() + "\n")
+    print(f"wrote {out_dir / 'benchmarks.md'}")
+
+
+if __name__ == "__main__":
+    main()
