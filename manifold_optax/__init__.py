@@ -2,7 +2,8 @@
 
 from manifold_optax import manifolds
 from manifold_optax.alias import manifold_muon, muon, trust_region
-from manifold_optax.labels import MuonDimensionNumbers, label_params, path_to_str
+from manifold_optax.flax_specs import flax_dimension_numbers
+from manifold_optax.labels import MatrixSpec, MuonDimensionNumbers, label_params, path_to_str
 from manifold_optax.linalg import (
     msign,
     msign_svd,
@@ -74,6 +75,8 @@ __all__ = [
     "state_shardings",
     "collective_bytes",
     "MuonDimensionNumbers",
+    "MatrixSpec",
+    "flax_dimension_numbers",
     "label_params",
     "path_to_str",
 ]

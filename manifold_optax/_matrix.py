@@ -1,9 +1,10 @@
 """Views of parameter leaves as batches of matrices, and grouped (batched) msign.
 
 A leaf is viewed as ``[batch, fan_in, fan_out]``: the axes named by a ``MuonDimensionNumbers``
-spec (reduction = fan-in, output = fan-out) become the matrix, the rest a batch. Without a spec
-the last two axes are the matrix (Flax's ``(in, out)`` kernels; layers stacked by ``nnx.scan``
-lead). Leaves of the same matrix shape and dtype are stacked and orthogonalized by one batched
+or :class:`~manifold_optax.MatrixSpec` (reduction = fan-in, output = fan-out) become the matrix,
+the rest a batch, and a ``MatrixSpec``'s ``split = k`` cuts the columns into ``k`` matrices
+(more batch). Without a spec the last two axes are the matrix (Flax's ``(in, out)`` kernels;
+layers stacked by ``nnx.scan`` lead). Leaves of the same matrix shape and dtype are stacked and orthogonalized by one batched
 msign call, which keeps the hardware busy.
 """
 
@@ -57,7 +58,29 @@ def matrix_view(
     flat = (math.prod(shp(batch)), math.prod(shp(red)), math.prod(shp(out)))
     unflat = shp(batch) + shp(red) + shp(out)
     x3 = jnp.transpose(x, perm).reshape(flat)
-    return x3, lambda y: jnp.transpose(y.reshape(unflat), inv)
+    k = _split(dim_nums)
+    if k == 1:
+        return x3, lambda y: jnp.transpose(y.reshape(unflat), inv)
+    b, fin, fout = flat
+    if fout % k:
+        raise ValueError(
+            f"parameter {path_to_str(path)!r} (shape {x.shape}): {fout} output features do "
+            f"not split into {k} equal parts"
+        )
+    parts = jnp.swapaxes(x3.reshape(b, fin, k, fout // k), 1, 2).reshape(b * k, fin, fout // k)
+
+    def inverse(y):
+        y = jnp.swapaxes(y.reshape(b, k, fin, fout // k), 1, 2).reshape(flat)
+        return jnp.transpose(y.reshape(unflat), inv)
+
+    return parts, inverse
+
+
+def _split(dim_nums) -> int:
+    k = getattr(dim_nums, "split", 1)
+    if not isinstance(k, int) or k < 1:
+        raise ValueError(f"split must be a positive integer, got {k!r}")
+    return k
 
 
 def fans(x: jax.Array, dim_nums: MuonDimensionNumbers | None) -> tuple[int, int]:
@@ -65,7 +88,8 @@ def fans(x: jax.Array, dim_nums: MuonDimensionNumbers | None) -> tuple[int, int]
     if x.ndim < 2:
         return 1, max(1, x.size)
     red, out = _axes(x, dim_nums)
-    return math.prod(x.shape[a] for a in red), math.prod(x.shape[a] for a in out)
+    fan_out = math.prod(x.shape[a] for a in out) // _split(dim_nums)
+    return math.prod(x.shape[a] for a in red), fan_out
 
 
 def as_matrix(x: jax.Array) -> jax.Array:

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 
 import jax
 import optax
 
 from manifold_optax import norms as _norms
-from manifold_optax.labels import FALLBACK, MATRIX, label_params
+from manifold_optax.labels import FALLBACK, MATRIX, label_params, path_to_str
 from manifold_optax.transforms import (
     DEFAULT_INIT_TOLERANCE,
     dualize,
@@ -18,6 +19,7 @@ from manifold_optax.transforms import (
     resolve_manifolds,
     scale_by_shape,
 )
+from manifold_optax.transforms._leaves import view_specs
 
 __all__ = ["muon", "manifold_muon", "trust_region", "adamw_fallback", "param_labels_fn"]
 
@@ -95,10 +97,13 @@ def muon(
     → decoupled weight decay → learning rate, i.e.
     ``W ← W − η·(√max(1, d_out/d_in)·msign(m̂) + λW)``. Other leaves: AdamW.
 
-    Which leaf is a matrix: exactly-2-D leaves by default; ``weight_dimension_numbers`` (a tree
-    prefix of ``MuonDimensionNumbers | None``, or a callable) marks others (conv kernels,
-    stacked layers); any path matching a regex in ``fallback_patterns`` (e.g. ``"embed"``,
-    ``"head"``) goes to AdamW.
+    Which leaf is a matrix (:func:`~manifold_optax.label_params`): with
+    ``weight_dimension_numbers`` (a spec tree such as
+    :func:`~manifold_optax.flax_dimension_numbers`'s, or a callable) the leaves with a spec,
+    viewed as the spec says (conv kernels, attention projections, stacked layers); without
+    one, the 2-D leaves (a leaf with more axes is ambiguous and raises ValueError naming it).
+    Any path matching a regex in ``fallback_patterns`` (e.g. ``"embed"``, ``"head"``) goes to
+    AdamW.
 
     ``ns_steps=None`` means the schedule's default (5). Under ``optax.inject_hyperparams`` any
     explicitly given ``ns_steps`` must be listed in ``static_args``; the learning rates, ``beta``
@@ -242,13 +247,23 @@ def trust_region(
 MANIFOLD = "manifold"
 
 
-def manifold_labels_fn(manifold):
-    """A callable ``params → labels``: ``"manifold"`` where the spec gives a Manifold."""
+def manifold_labels_fn(manifold, weight_dimension_numbers=None, fallback_patterns=()):
+    """A callable ``params → labels``: ``"manifold"`` where the spec gives a Manifold (on the
+    matrix leaves ``weight_dimension_numbers`` names, if given) and the path matches none of
+    ``fallback_patterns``."""
+    patterns = [re.compile(p) for p in fallback_patterns]
 
     def fn(params):
-        manifolds = resolve_manifolds(manifold, params)
-        leaves, treedef = jax.tree.flatten(params)
-        labels = [MANIFOLD if m is not None else FALLBACK for m in manifolds]
+        manifolds = resolve_manifolds(
+            manifold, params, view_specs(weight_dimension_numbers, params)
+        )
+        flat, treedef = jax.tree_util.tree_flatten_with_path(params)
+        labels = [
+            MANIFOLD
+            if m is not None and not any(p.search(path_to_str(path)) for p in patterns)
+            else FALLBACK
+            for (path, _), m in zip(flat, manifolds, strict=True)
+        ]
         return jax.tree.unflatten(treedef, labels)
 
     return fn
@@ -280,6 +295,8 @@ def manifold_muon(
     muon_weight_decay: float = 0.0,
     sharding=None,
     group: bool | None = None,
+    weight_dimension_numbers=None,
+    fallback_patterns: Sequence[str] = (),
 ) -> optax.GradientTransformation:
     r"""Manifold Muon: steepest descent under the spectral norm that keeps weights on a manifold.
 
@@ -290,7 +307,8 @@ def manifold_muon(
 
     Args:
       learning_rate: η (a float or schedule; injectable with ``optax.inject_hyperparams``).
-      manifold: a ``Manifold`` (every leaf with ≥ 2 axes), a tree prefix of
+      manifold: a ``Manifold`` (every matrix leaf: see :func:`~manifold_optax.label_params`'s
+        rule), a tree prefix of
         ``Manifold | None``, or a callable ``params → such a tree``.
       solver: ``"online"`` (default: one dual step per training step, the multiplier in the
         state — one msign per step), ``"dual_ascent"``, ``"exact"`` or ``"fixed_point"``.
@@ -299,6 +317,12 @@ def manifold_muon(
       ns_steps, ns_coeffs, compute_dtype: the msign, as in :func:`dual_ascent`
         (``compute_dtype`` also applies to the ``fallback="muon"`` matrices).
       sharding, group: many devices and batching, as in :func:`dual_ascent`.
+      weight_dimension_numbers: the matrix each leaf is (e.g.
+        :func:`~manifold_optax.flax_dimension_numbers`'s tree), as in :func:`dual_ascent`;
+        a single ``Manifold`` then applies to the leaves with a spec, and the ``fallback="muon"``
+        matrices use the same spec.
+      fallback_patterns: regexes on a parameter's path (``re.search``) that keep it off the
+        manifold (e.g. ``("embed", "head")``).
       power_iters: the spectral sphere retraction's filter degree, its accuracy against its
         cost: see :func:`manifold_step` and ``benchmarks/spectral_accuracy.py``.
 
@@ -330,7 +354,7 @@ def manifold_muon(
         raise ValueError(f"fallback must be 'adamw' or 'muon', got {fallback!r}")
     if adam_learning_rate is None:
         adam_learning_rate = learning_rate
-    labels = manifold_labels_fn(manifold)
+    labels = manifold_labels_fn(manifold, weight_dimension_numbers, fallback_patterns)
     manifold_tx = optax.chain(
         momentum(beta, nesterov=nesterov, bias_correction=bias_correction, mu_dtype=mu_dtype),
         manifold_step(
@@ -347,6 +371,7 @@ def manifold_muon(
             init_tolerance=init_tolerance,
             sharding=sharding,
             group=group,
+            weight_dimension_numbers=weight_dimension_numbers,
         ),
     )
     if fallback == "adamw":
@@ -369,6 +394,7 @@ def manifold_muon(
             nesterov=nesterov,
             weight_decay=muon_weight_decay,
             mu_dtype=mu_dtype,
+            weight_dimension_numbers=weight_dimension_numbers,
             adam_learning_rate=adam_learning_rate,
             adam_b1=adam_b1,
             adam_b2=adam_b2,

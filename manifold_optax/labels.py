@@ -1,34 +1,62 @@
-"""Which parameter gets which rule: by rank, by weight-dimension spec, or by path pattern.
+"""Which parameter gets which rule: specs broadcast over a parameter tree, matrix specs, and
+labels by rank, spec or path pattern.
 
-Labels are trees of strings for :func:`optax.partition`. Paths are written ``"a/b/0/kernel"``;
-the trailing ``.value`` that Flax NNX ``Variable`` nodes add is dropped, so a pattern matches the
-same leaf whether the tree holds ``nnx.Param`` objects (``tx.init``) or raw arrays
-(``tx.update``).
+Paths are written ``"a/b/0/kernel"``; the trailing ``.value`` that Flax NNX ``Variable`` nodes
+add is dropped, so a spec or a pattern finds the same leaf whether a tree holds ``nnx.Param``
+objects (``tx.init``, ``nnx.state(model, nnx.Param)``) or raw arrays (``tx.update``,
+``.to_pure_dict()``). Labels are trees of strings for :func:`optax.partition`.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 from optax.contrib import MuonDimensionNumbers
 
 __all__ = [
     "MuonDimensionNumbers",
+    "MatrixSpec",
     "path_to_str",
+    "leaf_specs",
     "label_params",
     "matrix_mask",
     "is_dim_nums",
+    "ambiguous_leaf_error",
 ]
 
 MATRIX = "matrix"
 FALLBACK = "fallback"
+AMBIGUOUS = "ambiguous"
+
+
+def _rank_label(x) -> str:
+    return MATRIX if jax.numpy.ndim(x) == 2 else FALLBACK
+
+
+class MatrixSpec(NamedTuple):
+    """Which axes of a leaf form its matrix: ``optax.contrib.MuonDimensionNumbers`` with a split.
+
+    The reduction axes (flattened) are the matrix's rows (fan-in), the output axes its columns
+    (fan-out), every other axis a batch of independent matrices. ``split = k`` cuts the
+    columns into ``k`` equal consecutive parts, each its own matrix (a fused QKV kernel
+    ``(in, 3·d)`` as three ``(in, d)`` matrices). Accepted wherever ``MuonDimensionNumbers`` is.
+
+    Example:
+      >>> import manifold_optax as mo
+      >>> qkv = mo.MatrixSpec(reduction_axis=0, output_axis=1, split=3)
+    """
+
+    reduction_axis: Sequence[int] | int = 0
+    output_axis: Sequence[int] | int = 1
+    split: int = 1
 
 
 def is_dim_nums(x: Any) -> bool:
-    return isinstance(x, MuonDimensionNumbers)
+    """Whether ``x`` is a weight dimension spec (``MuonDimensionNumbers`` or ``MatrixSpec``)."""
+    return isinstance(x, MuonDimensionNumbers | MatrixSpec)
 
 
 def path_to_str(path) -> str:
@@ -50,8 +78,57 @@ def path_to_str(path) -> str:
     return "/".join(parts) if parts else "<root>"
 
 
-def _resolve(spec, params):
-    return spec(params) if callable(spec) and not is_dim_nums(spec) else spec
+def ambiguous_leaf_error(path: str, shape) -> ValueError:
+    """The error for a leaf with more than two axes and no weight dimension spec."""
+    return ValueError(
+        f"parameter {path!r} has shape {tuple(shape)}: with more than two axes and no weight "
+        "dimension spec its matrix is ambiguous (stacked layers? a convolution? attention "
+        "heads?); give weight_dimension_numbers (e.g. mo.flax_dimension_numbers(model)), or "
+        "name it in fallback_patterns"
+    )
+
+
+def leaf_specs(spec, tree, *, is_spec=is_dim_nums) -> list:
+    """One spec per leaf of ``tree`` (``jax.tree.leaves`` order) from ``spec``: a single spec
+    (or ``None``) for every leaf, a callable ``tree → spec or spec tree``, or a spec tree.
+
+    A spec tree is matched to ``tree`` by path: each leaf takes the spec at its own path or at
+    the longest path above it (a spec for ``"layers"`` covers ``"layers/0/kernel"``); ``None``
+    there means no spec. ``nnx.Variable`` wrappers (``.value``) on either side are ignored, so
+    a tree built over ``nnx.state(model, nnx.Param)``, over its ``.to_pure_dict()`` or over the
+    raw gradients all match. A leaf that no path covers raises ValueError naming it.
+    """
+    n = len(jax.tree.leaves(tree))
+    if spec is None or is_spec(spec):
+        return [spec] * n
+    if callable(spec):
+        spec = spec(tree)
+        if spec is None or is_spec(spec):
+            return [spec] * n
+    entries = {}
+    flat, _ = jax.tree_util.tree_flatten_with_path(spec, is_leaf=lambda x: x is None or is_spec(x))
+    for path, s in flat:
+        entries[_path_key(path)] = s
+    if not entries:
+        raise ValueError("the spec tree is empty")
+    out = []
+    for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        key = _path_key(path)
+        for k in range(len(key), -1, -1):
+            if key[:k] in entries:
+                out.append(entries[key[:k]])
+                break
+        else:
+            raise ValueError(
+                f"the spec tree has no entry for parameter {'/'.join(key)!r} (nor for any path "
+                f"above it); it has {sorted('/'.join(e) for e in entries)[:6]}"
+            )
+    return out
+
+
+def _path_key(path) -> tuple:
+    s = path_to_str(path)
+    return () if s == "<root>" else tuple(s.split("/"))
 
 
 def label_params(
@@ -70,22 +147,22 @@ def label_params(
       1. a path matching any regex in ``fallback_patterns`` (``re.search``) → fallback
          (e.g. ``("embed", "head")`` sends embeddings and output heads to AdamW);
       2. if ``matrix_patterns`` is given, a path matching one of them → matrix, else fallback;
-      3. with ``weight_dimension_numbers`` (a tree prefix of ``MuonDimensionNumbers | None`` or a
+      3. with ``weight_dimension_numbers`` (a ``MuonDimensionNumbers`` or
+         :class:`MatrixSpec` tree, e.g. :func:`~manifold_optax.flax_dimension_numbers`'s, or a
          callable returning one): a spec → matrix, ``None`` → fallback;
-      4. by rank: exactly two axes → matrix, everything else → fallback.
+      4. by rank: two axes → matrix, zero or one → fallback; more than two is ambiguous
+         (stacked layers, convolutions, attention heads) and raises ValueError naming the path.
     """
     fallback_res = [re.compile(p) for p in fallback_patterns]
     matrix_res = None if matrix_patterns is None else [re.compile(p) for p in matrix_patterns]
-    dims = _resolve(weight_dimension_numbers, params)
-    if dims is None:
-        base = jax.tree.map(lambda x: MATRIX if jax.numpy.ndim(x) == 2 else FALLBACK, params)
-    else:
-        base = jax.tree.map(
-            lambda d, sub: jax.tree.map(lambda _: MATRIX if d is not None else FALLBACK, sub),
-            dims,
-            params,
-            is_leaf=lambda x: x is None or is_dim_nums(x),
+    if weight_dimension_numbers is None:
+        base = jax.tree_util.tree_map_with_path(
+            lambda p, x: AMBIGUOUS if jax.numpy.ndim(x) > 2 else _rank_label(x), params
         )
+    else:
+        dims = leaf_specs(weight_dimension_numbers, params)
+        leaves, treedef = jax.tree.flatten(params)
+        base = jax.tree.unflatten(treedef, [MATRIX if d is not None else FALLBACK for d in dims])
 
     def label(path, leaf, b):
         s = path_to_str(path)
@@ -93,6 +170,8 @@ def label_params(
             return fallback_label
         if matrix_res is not None:
             return matrix_label if any(r.search(s) for r in matrix_res) else fallback_label
+        if b == AMBIGUOUS:
+            raise ambiguous_leaf_error(s, jax.numpy.shape(leaf))
         return matrix_label if b == MATRIX else fallback_label
 
     return jax.tree_util.tree_map_with_path(label, params, base)

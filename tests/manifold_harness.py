@@ -22,8 +22,14 @@ def manifold_id(m):
     return type(m).__name__
 
 
+#: The last two axes are the matrix, leading axes a batch: stated explicitly (without a spec a
+#: leaf with more than two axes is ambiguous).
+LAST_TWO = mo.MatrixSpec(-2, -1)
+
+
 def point(m, shape, rng):
-    return mo.project_params(jnp.asarray(rng.standard_normal(shape), jnp.float32), m)
+    x = jnp.asarray(rng.standard_normal(shape), jnp.float32)
+    return mo.project_params(x, m, weight_dimension_numbers=LAST_TWO)
 
 
 def nuclear64(x):

@@ -164,21 +164,22 @@ def test_training_keeps_params_on_manifold(m, tol, rng):
 
 
 @pytest.mark.parametrize(
-    "m, atol",
+    "m, atol, dtype",
     # Stiefel and sphere: the same operations in the same order. Spectral sphere: the chain's
     # dual step takes Θ from its own 2-iteration block, the fused step from the retraction's
     # top pair (both float32-converged), and the retractions run 6 vs 10 power iterations.
-    [(mo.Stiefel(), 1e-6), (mo.Sphere(3.0), 1e-6), (mo.SpectralSphere(2.0), 2e-5)],
-    ids=lambda x: type(x).__name__ if isinstance(x, mo.Manifold) else "",
+    # bfloat16 compute on Stiefel (the chain with the most to disagree on: projection and
+    # polish): the same operations, the same tolerance.
+    [
+        (mo.Stiefel(), 1e-6, None),
+        (mo.Sphere(3.0), 1e-6, None),
+        (mo.SpectralSphere(2.0), 2e-5, None),
+        (mo.Stiefel(), 1e-6, jnp.bfloat16),
+    ],
+    ids=["Stiefel", "Sphere", "SpectralSphere", "Stiefel-bfloat16"],
 )
-@pytest.mark.parametrize("dtype", [None, jnp.bfloat16], ids=["float32", "bfloat16"])
 def test_explicit_chain_equals_manifold_muon(m, atol, dtype, rng):
     # A tall, a wide and a square matrix (square Stiefel takes the closed form in both).
-    # bfloat16 compute: Stiefel and sphere still run the same operations (same tolerance);
-    # the spectral sphere's Θ differs at ~1e-6, which can flip a bfloat16 rounding of the
-    # msign input (a relative 2⁻⁸) and pass through ~10 rounded products: η·2⁻⁸·10 = 2e-3.
-    if dtype is not None and isinstance(m, mo.SpectralSphere):
-        atol = 2e-3
     params = {
         "w": point(m, (32, 8), rng),
         "v": point(m, (8, 16), rng),
@@ -255,7 +256,7 @@ def test_online_direction_of_a_zero_gradient_is_zero_and_keeps_the_multiplier(m,
 
 
 @pytest.mark.parametrize("m", MANIFOLDS, ids=manifold_id)
-@pytest.mark.parametrize("shape", [(64, 32), (32, 64), (48, 48)])
+@pytest.mark.parametrize("shape", [(64, 32), (48, 48)])  # tall (wide reads transposed), square
 def test_bfloat16_compute_moves_like_float32_and_stays_on_the_manifold(m, shape, rng):
     # compute_dtype=bfloat16 runs the online msign's products in bfloat16, while the multiplier,
     # the tangent projection and the retraction stay float32. Three properties:

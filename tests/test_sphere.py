@@ -40,7 +40,7 @@ def test_a_manifold_from_its_geometry_alone_trains_like_the_builtin_sphere(rng):
     ]
     out = {}
     for name, m in (("builtin", mo.Sphere(3.0)), ("template", GeometryOnlySphere(3.0))):
-        tx = mo.manifold_muon(0.1, m)
+        tx = mo.manifold_muon(0.1, m, weight_dimension_numbers=mo.MatrixSpec(-2, -1))
         p, s = params, tx.init(params)
         step = jax.jit(tx.update)
         for g in grads:

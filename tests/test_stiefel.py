@@ -190,7 +190,7 @@ def test_stiefel_projection_of_square_gaussians_with_tiny_singular_values():
     # σ_min/σ_max down to 1.5e-5 (a 16-stack of 256×256 Gaussians): the full msign leaves
     # σ_min ≈ 0.24 and the polish must keep going until every matrix is orthogonal.
     x = jax.random.normal(jax.random.PRNGKey(0), (16, 256, 256))
-    w = mo.project_params(x, mo.Stiefel())
+    w = mo.project_params(x, mo.Stiefel(), weight_dimension_numbers=mo.MatrixSpec(-2, -1))
     assert float(mo.Stiefel().distance(w)) < 2e-6
 
 

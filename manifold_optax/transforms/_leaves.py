@@ -13,8 +13,8 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from manifold_optax._matrix import as_matrix
-from manifold_optax.labels import is_dim_nums, path_to_str
+from manifold_optax._matrix import as_matrix, matrix_view
+from manifold_optax.labels import ambiguous_leaf_error, is_dim_nums, leaf_specs, path_to_str
 from manifold_optax.linalg import msign
 from manifold_optax.manifolds import SOLVERS, Manifold, PolishPlan, SolverConfig, is_manifold
 from manifold_optax.sharding import replicate, run_replicated
@@ -34,6 +34,8 @@ __all__ = [
     "msign_fn",
     "msign_kwargs",
     "update_to",
+    "leaf_view",
+    "view_specs",
     "reshaped",
     "Deferred",
     "finish_deferred",
@@ -43,55 +45,45 @@ __all__ = [
 DEFAULT_INIT_TOLERANCE = 1e-4
 
 
-class _Box:
-    """An opaque holder, so that ``None`` and specs stay leaves when broadcasting a prefix."""
-
-    __slots__ = ("v",)
-
-    def __init__(self, v):
-        self.v = v
-
-
-def leaf_specs(spec, tree, *, is_spec=is_dim_nums) -> list:
-    """Broadcast a tree prefix ``spec`` (or a callable returning one, or a single spec, or None)
-    over ``tree``; return one entry per leaf of ``tree``, in ``jax.tree.leaves`` order."""
-    n = len(jax.tree.leaves(tree))
-    if spec is None or is_spec(spec):
-        return [spec] * n
-    if callable(spec):
-        spec = spec(tree)
-        if spec is None or is_spec(spec):
-            return [spec] * n
-    try:
-        boxed = jax.tree.map(
-            lambda s, sub: jax.tree.map(lambda _: _Box(s), sub),
-            spec,
-            tree,
-            is_leaf=lambda x: x is None or is_spec(x),
-        )
-    except (ValueError, TypeError) as e:
-        raise ValueError(
-            f"the spec tree does not match the parameter tree (it must be a tree prefix): {e}"
-        ) from e
-    return [b.v for b in jax.tree.leaves(boxed, is_leaf=lambda x: isinstance(x, _Box))]
-
-
 def paths(tree) -> list:
     """The key path of every leaf of ``tree``, in ``jax.tree.leaves`` order."""
     return [p for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
 
 
-def resolve_manifolds(spec, tree) -> list:
+def view_specs(weight_dimension_numbers, tree) -> list | None:
+    """One weight dimension spec (or ``None``) per leaf, or ``None`` without a spec."""
+    if weight_dimension_numbers is None:
+        return None
+    return leaf_specs(weight_dimension_numbers, tree, is_spec=is_dim_nums)
+
+
+def leaf_view(x, dims, path=()):
+    """``(X, unview)``: the leaf as matrices and the map back to its layout. Without a spec,
+    ``[*batch, rows, cols]`` from the last two axes (0-D/1-D leaves as ``(1, d)`` rows); with
+    one, ``[batch, fan_in, fan_out]`` as :func:`~manifold_optax._matrix.matrix_view` reads it."""
+    if dims is None:
+        return as_matrix(x), lambda y: y.reshape(jnp.shape(x))
+    return matrix_view(x, dims, path)
+
+
+def resolve_manifolds(spec, tree, dims: list | None = None) -> list:
     """One ``Manifold | None`` per leaf of ``tree`` (``jax.tree.leaves`` order), validated.
 
-    A single ``Manifold`` applies to leaves with at least two axes (vectors and scalars get
-    ``None``). A tree prefix or callable may also give a manifold that allows vectors
-    (``Sphere``) to a vector; a matrix manifold on a 0-D/1-D leaf, or an integer/complex leaf
-    on any manifold, raises ValueError naming the leaf's path.
+    A single ``Manifold`` applies to the matrix leaves: those with a weight dimension spec
+    when ``dims`` (one spec or ``None`` per leaf, :func:`view_specs`) is given, else those
+    with two axes (a leaf with more is ambiguous: ValueError naming its path). A spec tree or callable may also give a manifold that allows
+    vectors (``Sphere``) to a vector; a matrix manifold on a 0-D/1-D leaf, or an
+    integer/complex leaf on any manifold, raises ValueError naming the leaf's path.
     """
     leaves_with_paths = jax.tree_util.tree_flatten_with_path(tree)[0]
     if is_manifold(spec):
-        out = [spec if jnp.ndim(x) >= 2 else None for _, x in leaves_with_paths]
+        if dims is None:
+            for path, x in leaves_with_paths:
+                if jnp.ndim(x) > 2:
+                    raise ambiguous_leaf_error(path_to_str(path), jnp.shape(x))
+            out = [spec if jnp.ndim(x) == 2 else None for _, x in leaves_with_paths]
+        else:
+            out = [spec if d is not None else None for d in dims]
     else:
         try:
             out = leaf_specs(spec, tree, is_spec=is_manifold)
@@ -195,22 +187,27 @@ def _shape_key(tree):
     return jax.tree.structure(tree), tuple(a.shape[1:] for a in jax.tree.leaves(tree))
 
 
-def matrix_items(g_leaves, w_leaves, manifolds, states, reads_multiplier: bool = False):
-    """``(items, where)`` for :func:`run_grouped`: per manifold leaf ``i`` (listed in
-    ``where``), ``(key, (G, W, y, aux))`` in float32 with one flat batch axis; the key groups
-    leaves with the same manifold, matrix shape and state shapes. With ``reads_multiplier``,
-    a leaf whose manifold does not read its multiplier passes ``y = None``."""
-    items, where = [], []
+def matrix_items(g_leaves, w_leaves, manifolds, states, reads_multiplier: bool = False, dims=None):
+    """``(items, where, unviews)`` for :func:`run_grouped`: per manifold leaf ``i`` (listed in
+    ``where``), ``(key, (G, W, y, aux))`` in float32 with one flat batch axis (the leaf's
+    :func:`leaf_view` under ``dims``); the key groups leaves with the same manifold, matrix
+    shape and state shapes. With ``reads_multiplier``, a leaf whose manifold does not read its
+    multiplier passes ``y = None``. ``unviews[i]`` maps a matrix result back to leaf ``i``."""
+    items, where, unviews = [], [], {}
     for i, (g, w, m, ls) in enumerate(zip(g_leaves, w_leaves, manifolds, states, strict=True)):
         if m is None:
             continue
-        W = as_matrix(w.astype(jnp.float32))
-        G = as_matrix(g.astype(jnp.float32)).reshape(W.shape)
+        d = None if dims is None else dims[i]
+        W, unviews[i] = leaf_view(w.astype(jnp.float32), d)
+        if d is None:
+            G = as_matrix(g.astype(jnp.float32)).reshape(W.shape)
+        else:
+            G = leaf_view(g.astype(jnp.float32).reshape(w.shape), d)[0]
         y = None if reads_multiplier and not m.reads_multiplier(W.shape) else ls.y
         args = tuple(_flat_batch(x, W.ndim - 2) for x in (G, W, y, ls.aux))
         items.append(((m, args[1].shape[1:], _shape_key(args[3])), args))
         where.append(i)
-    return items, where
+    return items, where, unviews
 
 
 def reshaped(new, like):
@@ -218,15 +215,14 @@ def reshaped(new, like):
     return jax.tree.map(lambda a, b: a.reshape(b.shape), new, like)
 
 
-def _check_on_manifold(params, manifolds, tol):
+def _check_on_manifold(params, manifolds, tol, dims):
     if tol is None:
         return
-    for (path, x), m in zip(
-        jax.tree_util.tree_flatten_with_path(params)[0], manifolds, strict=True
-    ):
+    flat = jax.tree_util.tree_flatten_with_path(params)[0]
+    for i, ((path, x), m) in enumerate(zip(flat, manifolds, strict=True)):
         if m is None or isinstance(x, jax.core.Tracer):
             continue
-        d = float(m.distance(as_matrix(jnp.asarray(x))))
+        d = float(m.distance(leaf_view(jnp.asarray(x), None if dims is None else dims[i])[0]))
         # Low-precision parameters cannot sit closer than their rounding (bf16: ~4e-3).
         tol_eff = max(tol, 4 * float(jnp.finfo(jnp.result_type(x)).eps))
         if not d <= tol_eff:
@@ -237,18 +233,19 @@ def _check_on_manifold(params, manifolds, tol):
             )
 
 
-def initial_leaves(manifold, params, init_tolerance, power_iters) -> list:
+def initial_leaves(manifold, params, init_tolerance, power_iters, dims=None) -> list:
     """One :class:`LeafState` per leaf: ``(None, None)`` off the manifolds, else a zero
-    multiplier and the auxiliary state refreshed at the parameter. Checks that concrete
-    parameters lie on their manifolds (``init_tolerance``; ``None`` skips the check)."""
-    manifolds = resolve_manifolds(manifold, params)
-    _check_on_manifold(params, manifolds, init_tolerance)
+    multiplier and the auxiliary state refreshed at the parameter (its :func:`leaf_view`).
+    Checks that concrete parameters lie on their manifolds (``init_tolerance``; ``None``
+    skips the check)."""
+    manifolds = resolve_manifolds(manifold, params, dims)
+    _check_on_manifold(params, manifolds, init_tolerance, dims)
     out = []
-    for x, m in zip(jax.tree.leaves(params), manifolds, strict=True):
+    for i, (x, m) in enumerate(zip(jax.tree.leaves(params), manifolds, strict=True)):
         if m is None:
             out.append(LeafState(None, None))  # empty subtrees: nothing to checkpoint
             continue
-        W = as_matrix(jnp.asarray(x, jnp.float32))
+        W = leaf_view(jnp.asarray(x, jnp.float32), None if dims is None else dims[i])[0]
         y = jnp.zeros(m.multiplier_shape(W.shape), jnp.float32)
         out.append(LeafState(y, m.update_aux(W, m.init_aux(W), power_iters)))
     return out
@@ -288,10 +285,11 @@ def msign_fn(ms_kwargs, sharding=None):
     return fn
 
 
-def update_to(new, w, dtype):
-    """The update that moves parameter ``w`` to the point ``new`` (any shape of ``w``'s size),
-    in the update's ``dtype``."""
-    return (new.reshape(w.shape).astype(w.dtype) - w).astype(dtype)
+def update_to(new, w, dtype, unview=None):
+    """The update that moves parameter ``w`` to the point ``new`` (its matrix view, mapped
+    back by ``unview``; else any shape of ``w``'s size), in the update's ``dtype``."""
+    new = new.reshape(w.shape) if unview is None else unview(new)
+    return (new.astype(w.dtype) - w).astype(dtype)
 
 
 class Deferred(NamedTuple):
@@ -303,6 +301,7 @@ class Deferred(NamedTuple):
     plan: PolishPlan
     param: jax.Array  # the parameter W
     dtype: Any  # the update's dtype
+    unview: Any = None  # the matrix view back to the parameter's layout
 
 
 def finish_deferred(pending: list[Deferred], out: list, sharding=None, group: bool = False):
@@ -349,4 +348,4 @@ def finish_deferred(pending: list[Deferred], out: list, sharding=None, group: bo
     # matrix is certified.)
     news = jax.lax.cond(cheap_all | ok_all, lambda a: [X for X, _ in a], fallback, arrays)
     for X, p in zip(news, pending, strict=True):
-        out[p.index] = update_to(X, p.param, p.dtype)
+        out[p.index] = update_to(X, p.param, p.dtype, p.unview)

@@ -6,9 +6,14 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from manifold_optax._matrix import as_matrix
 from manifold_optax.labels import path_to_str
-from manifold_optax.transforms._leaves import LeafState, paths, resolve_manifolds
+from manifold_optax.transforms._leaves import (
+    LeafState,
+    leaf_view,
+    paths,
+    resolve_manifolds,
+    view_specs,
+)
 
 __all__ = ["diagnostics"]
 
@@ -28,14 +33,17 @@ def _leaf_states(opt_state, n: int):
     return found[0] if found else None
 
 
-def diagnostics(params, manifold_spec, opt_state=None, directions=None) -> dict:
+def diagnostics(
+    params, manifold_spec, opt_state=None, directions=None, *, weight_dimension_numbers=None
+) -> dict:
     """Per manifold leaf, keyed by its path: ``distance`` to the manifold
     (:meth:`~manifold_optax.Manifold.distance`), and, when given, the ``multiplier_norm``
     (the Frobenius norm of the multiplier in the ``dual_ascent`` or ``manifold_step`` state
     inside ``opt_state``) and the largest relative ``tangent_violation``
     ``‖C_W(Φ)‖_F/‖Φ‖_F`` of ``directions`` (e.g. the ``dual_ascent`` output) at ``params``.
 
-    Call it outside ``jit`` for logging, or inside and log the arrays.
+    Call it outside ``jit`` for logging, or inside and log the arrays. With
+    ``weight_dimension_numbers`` (as given to the optimizer) the matrix views are those.
 
     Example:
       >>> import jax, manifold_optax as mo
@@ -45,7 +53,8 @@ def diagnostics(params, manifold_spec, opt_state=None, directions=None) -> dict:
       >>> float(d["w"]["distance"]) < 1e-5
       True
     """
-    manifolds = resolve_manifolds(manifold_spec, params)
+    dims = view_specs(weight_dimension_numbers, params)
+    manifolds = resolve_manifolds(manifold_spec, params, dims)
     leaves = jax.tree.leaves(params)
     states = None if opt_state is None else _leaf_states(opt_state, len(leaves))
     d_leaves = jax.tree.leaves(directions) if directions is not None else None
@@ -53,12 +62,13 @@ def diagnostics(params, manifold_spec, opt_state=None, directions=None) -> dict:
     for i, (p, x, m) in enumerate(zip(paths(params), leaves, manifolds, strict=True)):
         if m is None:
             continue
-        W = as_matrix(jnp.asarray(x, jnp.float32))
+        W, _ = leaf_view(jnp.asarray(x, jnp.float32), None if dims is None else dims[i])
         entry = {"distance": m.distance(W)}
         if states is not None:
             entry["multiplier_norm"] = jnp.linalg.norm(states[i].y)
         if d_leaves is not None:
-            phi = jnp.asarray(d_leaves[i], jnp.float32).reshape(W.shape)
+            phi = jnp.asarray(d_leaves[i], jnp.float32).reshape(jnp.shape(x))
+            phi = leaf_view(phi, None if dims is None else dims[i])[0].reshape(W.shape)
             # The state's auxiliary state, refreshed at W (no warm iterations).
             aux = None if states is None else m.update_aux(W, states[i].aux, 0)
             entry["tangent_violation"] = jnp.max(m.tangent_violation(W, phi, aux))

@@ -20,6 +20,7 @@ from manifold_optax.transforms._leaves import (
     resolve_manifolds,
     run_grouped,
     solver_config,
+    view_specs,
 )
 
 __all__ = ["DualAscentState", "dual_ascent"]
@@ -44,6 +45,7 @@ def dual_ascent(
     init_tolerance: float | None = DEFAULT_INIT_TOLERANCE,
     sharding=None,
     group: bool | None = None,
+    weight_dimension_numbers=None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Per manifold leaf, the steepest tangent direction and the multiplier update.
 
@@ -78,6 +80,11 @@ def dual_ascent(
       sharding: a :class:`~manifold_optax.MsignSharding` for sharded parameters.
       group: run same-shape leaves with the same manifold as one batch; ``None`` does so
         except on CPU. Results agree with one leaf at a time to float32 round-off.
+      weight_dimension_numbers: the matrix each leaf is (a ``MuonDimensionNumbers`` or
+        :class:`~manifold_optax.MatrixSpec`, a spec tree such as
+        :func:`~manifold_optax.flax_dimension_numbers`'s, or a callable); the manifold
+        constrains that matrix view (conv kernels, attention projections, split heads). A single
+        ``Manifold`` then applies to the leaves with a spec. ``None``: the last two axes.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` whose ``update`` needs ``params``; its
@@ -103,17 +110,19 @@ def dual_ascent(
     ms_kwargs = dict(steps=ns_steps, coeffs=ns_coeffs, compute_dtype=compute_dtype)
 
     def init_fn(params):
+        dims = view_specs(weight_dimension_numbers, params)
         return DualAscentState(
-            tuple(initial_leaves(manifold, params, init_tolerance, cfg.power_iters))
+            tuple(initial_leaves(manifold, params, init_tolerance, cfg.power_iters, dims))
         )
 
     def update_fn(updates, state, params=None):
         if params is None:
             raise ValueError("dual_ascent needs params: call update(updates, state, params)")
-        manifolds = resolve_manifolds(manifold, params)
+        dims = view_specs(weight_dimension_numbers, params)
+        manifolds = resolve_manifolds(manifold, params, dims)
         g_leaves, treedef = jax.tree.flatten(updates)
         w_leaves = jax.tree.leaves(params)
-        items, where = matrix_items(g_leaves, w_leaves, manifolds, state.leaves)
+        items, where, unviews = matrix_items(g_leaves, w_leaves, manifolds, state.leaves, dims=dims)
 
         def group_step(key, G, W, y, aux):
             m = key[0]
@@ -137,7 +146,7 @@ def dual_ascent(
             where, run_grouped(group_step, items, group_default(group)), strict=True
         ):
             w, ls = w_leaves[i], state.leaves[i]
-            new_u[i] = phi.reshape(w.shape).astype(w.dtype)
+            new_u[i] = unviews[i](phi).astype(w.dtype)
             new_s[i] = LeafState(reshaped(y, ls.y), reshaped(aux, ls.aux))
         return jax.tree.unflatten(treedef, new_u), DualAscentState(tuple(new_s))
 

@@ -25,6 +25,7 @@ from manifold_optax.transforms._leaves import (
     run_grouped,
     solver_config,
     update_to,
+    view_specs,
 )
 
 __all__ = ["manifold_step", "ManifoldStepState"]
@@ -53,6 +54,7 @@ def manifold_step(
     init_tolerance: float | None = DEFAULT_INIT_TOLERANCE,
     sharding=None,
     group: bool | None = None,
+    weight_dimension_numbers=None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Per manifold leaf, the update ``R(W − η·Φ) − W`` with ``Φ`` and ``Y`` as in
     :func:`~manifold_optax.dual_ascent`; leaves without a manifold pass through unchanged.
@@ -77,7 +79,8 @@ def manifold_step(
         :func:`~manifold_optax.dual_ascent`.
       ns_steps, ns_coeffs, compute_dtype: the online msign, as in
         :func:`~manifold_optax.dual_ascent`.
-      init_tolerance, sharding, group: as in :func:`~manifold_optax.dual_ascent`.
+      init_tolerance, sharding, group, weight_dimension_numbers: as in
+        :func:`~manifold_optax.dual_ascent`.
       power_iters: the degree of the spectral sphere retraction's warm Chebyshev-filtered
         block iteration (as in :func:`~manifold_optax.retract`);
         ``benchmarks/spectral_accuracy.py`` measures ``|‖W‖₂ − r|/r`` over a training run
@@ -126,14 +129,15 @@ def manifold_step(
     def update_fn(updates, state, params=None):
         if params is None:
             raise ValueError("manifold_step needs params: call update(updates, state, params)")
-        manifolds = resolve_manifolds(manifold, params)
+        dims = view_specs(weight_dimension_numbers, params)
+        manifolds = resolve_manifolds(manifold, params, dims)
         lr = learning_rate(state.count) if callable(learning_rate) else learning_rate
         lr = jnp.asarray(lr, jnp.float32)
         g_leaves, treedef = jax.tree.flatten(updates)
         w_leaves = jax.tree.leaves(params)
         # A manifold that reads no multiplier (square Stiefel) does not get it (or gather it).
-        items, where = matrix_items(
-            g_leaves, w_leaves, manifolds, state.leaves, reads_multiplier=True
+        items, where, unviews = matrix_items(
+            g_leaves, w_leaves, manifolds, state.leaves, reads_multiplier=True, dims=dims
         )
 
         def fn(key, *arrays):
@@ -144,16 +148,17 @@ def manifold_step(
         for i, (new, y, aux, plan) in zip(where, run_grouped(fn, items, grouped), strict=True):
             w, ls, dtype = w_leaves[i], state.leaves[i], g_leaves[i].dtype
             if plan is not None:  # polished below, all such leaves together
-                pending.append(Deferred(i, manifolds[i], new, plan, w, dtype))
+                pending.append(Deferred(i, manifolds[i], new, plan, w, dtype, unviews[i]))
             else:
-                new_u[i] = update_to(new, w, dtype)
+                new_u[i] = update_to(new, w, dtype, unviews[i])
             new_s[i] = LeafState(reshaped(y, ls.y), reshaped(aux, ls.aux))
         finish_deferred(pending, new_u, sharding, grouped)
         count = optax.safe_increment(state.count)
         return jax.tree.unflatten(treedef, new_u), ManifoldStepState(count, tuple(new_s))
 
     def init_fn(params):
-        leaves = initial_leaves(manifold, params, init_tolerance, power_iters)
+        dims = view_specs(weight_dimension_numbers, params)
+        leaves = initial_leaves(manifold, params, init_tolerance, power_iters, dims)
         return ManifoldStepState(jnp.zeros([], jnp.int32), tuple(leaves))
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)

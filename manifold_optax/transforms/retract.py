@@ -9,16 +9,17 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from manifold_optax._matrix import as_matrix
 from manifold_optax.sharding import run_replicated
 from manifold_optax.transforms._leaves import (
     Deferred,
     finish_deferred,
     group_default,
+    leaf_view,
     reshaped,
     resolve_manifolds,
     run_grouped,
     update_to,
+    view_specs,
 )
 
 __all__ = ["RetractState", "retract", "project_params"]
@@ -31,7 +32,12 @@ class RetractState(NamedTuple):
 
 
 def retract(
-    manifold, *, power_iters: int = 6, sharding=None, group: bool | None = None
+    manifold,
+    *,
+    power_iters: int = 6,
+    sharding=None,
+    group: bool | None = None,
+    weight_dimension_numbers=None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""The update ``R(W + u) − W`` for every manifold leaf, so that ``optax.apply_updates``
     lands exactly on the manifold; it goes last in a chain (after the learning rate).
@@ -47,7 +53,7 @@ def retract(
     Args:
       manifold: a Manifold, a tree prefix of ``Manifold | None``, or a callable returning one.
       power_iters: degree of the spectral sphere's warm block iteration per step.
-      sharding, group: as in :func:`~manifold_optax.dual_ascent`.
+      sharding, group, weight_dimension_numbers: as in :func:`~manifold_optax.dual_ascent`.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` whose ``update`` needs ``params``; its
@@ -55,29 +61,34 @@ def retract(
     """
 
     def init_fn(params):
-        manifolds = resolve_manifolds(manifold, params)
+        dims = view_specs(weight_dimension_numbers, params)
+        manifolds = resolve_manifolds(manifold, params, dims)
         auxes = []
-        for x, m in zip(jax.tree.leaves(params), manifolds, strict=True):
+        for i, (x, m) in enumerate(zip(jax.tree.leaves(params), manifolds, strict=True)):
             if m is None:
                 auxes.append(None)
             else:
-                W = as_matrix(jnp.asarray(x, jnp.float32))
+                W = leaf_view(jnp.asarray(x, jnp.float32), None if dims is None else dims[i])[0]
                 auxes.append(m.update_aux(W, m.init_aux(W), power_iters))
         return RetractState(tuple(auxes))
 
     def update_fn(updates, state, params=None):
         if params is None:
             raise ValueError("retract needs params: call update(updates, state, params)")
-        manifolds = resolve_manifolds(manifold, params)
+        dims = view_specs(weight_dimension_numbers, params)
+        manifolds = resolve_manifolds(manifold, params, dims)
         u_leaves, treedef = jax.tree.flatten(updates)
         w_leaves = jax.tree.leaves(params)
-        items, where = [], []
+        items, where, unviews = [], [], {}
         for i, (u, w, m, aux) in enumerate(
             zip(u_leaves, w_leaves, manifolds, state.aux, strict=True)
         ):
             if m is None:
                 continue
-            V = as_matrix(w.astype(jnp.float32) + u.astype(jnp.float32))
+            V, unviews[i] = leaf_view(
+                w.astype(jnp.float32) + u.astype(jnp.float32).reshape(w.shape),
+                None if dims is None else dims[i],
+            )
             nb = V.ndim - 2
             args = jax.tree.map(lambda a, nb=nb: a.reshape((-1,) + a.shape[nb:]), (V, aux))
             key = (m, args[0].shape[1:], jax.tree.map(lambda a: a.shape[1:], args[1]))
@@ -100,9 +111,9 @@ def retract(
         ):
             w, u = w_leaves[i], u_leaves[i]
             if plan is not None:  # polished below, all such leaves together
-                pending.append(Deferred(i, manifolds[i], new, plan, w, u.dtype))
+                pending.append(Deferred(i, manifolds[i], new, plan, w, u.dtype, unviews[i]))
             else:
-                out[i] = update_to(new, w, u.dtype)
+                out[i] = update_to(new, w, u.dtype, unviews[i])
             auxes[i] = reshaped(aux, state.aux[i])
         finish_deferred(pending, out, sharding, grouped)
         return jax.tree.unflatten(treedef, out), RetractState(tuple(auxes))
@@ -110,7 +121,7 @@ def retract(
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-def project_params(params, manifold_spec):
+def project_params(params, manifold_spec, *, weight_dimension_numbers=None):
     """Put (freshly initialized) parameters onto their manifolds.
 
     Each manifold leaf is replaced by :meth:`~manifold_optax.Manifold.project`: the spheres
@@ -121,6 +132,8 @@ def project_params(params, manifold_spec):
     Args:
       params: a pytree of arrays.
       manifold_spec: a Manifold, a tree prefix of ``Manifold | None``, or a callable.
+      weight_dimension_numbers: the matrix each leaf is, as in
+        :func:`~manifold_optax.dual_ascent` (``None``: the last two axes).
 
     Returns:
       The projected pytree.
@@ -131,13 +144,14 @@ def project_params(params, manifold_spec):
       >>> float(jnp.linalg.norm(p["w"])), p["b"].tolist()
       (1.0, [1.0, 1.0])
     """
-    manifolds = resolve_manifolds(manifold_spec, params)
+    dims = view_specs(weight_dimension_numbers, params)
+    manifolds = resolve_manifolds(manifold_spec, params, dims)
     leaves, treedef = jax.tree.flatten(params)
     out = []
-    for x, m in zip(leaves, manifolds, strict=True):
+    for i, (x, m) in enumerate(zip(leaves, manifolds, strict=True)):
         if m is None:
             out.append(x)
             continue
-        new = m.project(as_matrix(jnp.asarray(x, jnp.float32)))
-        out.append(new.reshape(jnp.shape(x)).astype(jnp.result_type(x)))
+        W, unview = leaf_view(jnp.asarray(x, jnp.float32), None if dims is None else dims[i])
+        out.append(unview(m.project(W)).astype(jnp.result_type(x)))
     return jax.tree.unflatten(treedef, out)
