@@ -36,6 +36,7 @@ __all__ = [
     "update_to",
     "leaf_view",
     "view_specs",
+    "update_leaves",
     "reshaped",
     "Deferred",
     "finish_deferred",
@@ -64,6 +65,17 @@ def leaf_view(x, dims, path=()):
     if dims is None:
         return as_matrix(x), lambda y: y.reshape(jnp.shape(x))
     return matrix_view(x, dims, path)
+
+
+def update_leaves(name, manifold, weight_dimension_numbers, updates, params):
+    """What a manifold transformation's ``update`` starts from: ``(dims, manifolds,
+    update leaves, treedef, parameter leaves)``; ValueError without ``params``."""
+    if params is None:
+        raise ValueError(f"{name} needs params: call update(updates, state, params)")
+    dims = view_specs(weight_dimension_numbers, params)
+    manifolds = resolve_manifolds(manifold, params, dims)
+    u_leaves, treedef = jax.tree.flatten(updates)
+    return dims, manifolds, u_leaves, treedef, jax.tree.leaves(params)
 
 
 def resolve_manifolds(spec, tree, dims: list | None = None) -> list:

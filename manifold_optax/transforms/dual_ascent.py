@@ -17,9 +17,9 @@ from manifold_optax.transforms._leaves import (
     matrix_items,
     msign_fn,
     reshaped,
-    resolve_manifolds,
     run_grouped,
     solver_config,
+    update_leaves,
     view_specs,
 )
 
@@ -116,12 +116,9 @@ def dual_ascent(
         )
 
     def update_fn(updates, state, params=None):
-        if params is None:
-            raise ValueError("dual_ascent needs params: call update(updates, state, params)")
-        dims = view_specs(weight_dimension_numbers, params)
-        manifolds = resolve_manifolds(manifold, params, dims)
-        g_leaves, treedef = jax.tree.flatten(updates)
-        w_leaves = jax.tree.leaves(params)
+        dims, manifolds, g_leaves, treedef, w_leaves = update_leaves(
+            "dual_ascent", manifold, weight_dimension_numbers, updates, params
+        )
         items, where, unviews = matrix_items(g_leaves, w_leaves, manifolds, state.leaves, dims=dims)
 
         def group_step(key, G, W, y, aux):

@@ -21,9 +21,9 @@ from manifold_optax.transforms._leaves import (
     matrix_items,
     msign_fn,
     reshaped,
-    resolve_manifolds,
     run_grouped,
     solver_config,
+    update_leaves,
     update_to,
     view_specs,
 )
@@ -127,14 +127,11 @@ def manifold_step(
         return run_replicated(leaf_step, sharding, G, W, y, aux, lr)
 
     def update_fn(updates, state, params=None):
-        if params is None:
-            raise ValueError("manifold_step needs params: call update(updates, state, params)")
-        dims = view_specs(weight_dimension_numbers, params)
-        manifolds = resolve_manifolds(manifold, params, dims)
+        dims, manifolds, g_leaves, treedef, w_leaves = update_leaves(
+            "manifold_step", manifold, weight_dimension_numbers, updates, params
+        )
         lr = learning_rate(state.count) if callable(learning_rate) else learning_rate
         lr = jnp.asarray(lr, jnp.float32)
-        g_leaves, treedef = jax.tree.flatten(updates)
-        w_leaves = jax.tree.leaves(params)
         # A manifold that reads no multiplier (square Stiefel) does not get it (or gather it).
         items, where, unviews = matrix_items(
             g_leaves, w_leaves, manifolds, state.leaves, reads_multiplier=True, dims=dims

@@ -18,6 +18,7 @@ from manifold_optax.transforms._leaves import (
     reshaped,
     resolve_manifolds,
     run_grouped,
+    update_leaves,
     update_to,
     view_specs,
 )
@@ -73,12 +74,9 @@ def retract(
         return RetractState(tuple(auxes))
 
     def update_fn(updates, state, params=None):
-        if params is None:
-            raise ValueError("retract needs params: call update(updates, state, params)")
-        dims = view_specs(weight_dimension_numbers, params)
-        manifolds = resolve_manifolds(manifold, params, dims)
-        u_leaves, treedef = jax.tree.flatten(updates)
-        w_leaves = jax.tree.leaves(params)
+        dims, manifolds, u_leaves, treedef, w_leaves = update_leaves(
+            "retract", manifold, weight_dimension_numbers, updates, params
+        )
         items, where, unviews = [], [], {}
         for i, (u, w, m, aux) in enumerate(
             zip(u_leaves, w_leaves, manifolds, state.aux, strict=True)
