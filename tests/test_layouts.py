@@ -70,6 +70,13 @@ def _cases():
             lambda k: [k[i] for i in range(h)],
             lambda v: np.stack(v, axis=0),
         ),
+        "conv_transpose": (
+            lambda r: nnx.ConvTranspose(4, 6, kernel_size=(3,), rngs=r),
+            ("kernel",),
+            {},
+            lambda k: [k.reshape(12, 6)],
+            lambda v: v[0].reshape(3, 4, 6),
+        ),
         "conv2d": (
             lambda r: nnx.Conv(3, 8, kernel_size=(3, 3), rngs=r),
             ("kernel",),
@@ -250,6 +257,9 @@ def test_unknown_layers_and_bad_splits_name_the_path():
 
     with pytest.raises(ValueError, match="'w'.*overrides"):
         mo.flax_dimension_numbers(Custom())
+    einsum = nnx.Einsum("bi,io->bo", (4, 8), rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="'kernel' of Einsum"):
+        mo.flax_dimension_numbers(einsum)
     spec = mo.flax_dimension_numbers(Custom(), overrides={"w": mo.MatrixSpec(0, 1)})
     assert nnx.to_pure_dict(spec) == {"w": mo.MatrixSpec(0, 1)}
     tx = mo.orthogonalize(weight_dimension_numbers={"w": mo.MatrixSpec(0, 1, split=3)})

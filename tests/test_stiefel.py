@@ -221,15 +221,21 @@ def test_training_retraction_takes_each_branch_to_the_polar_factor(shape, rng):
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="a property of XLA:CPU's kernels")
 @pytest.mark.parametrize("shape", [(64, 64), (128, 64), (64, 128)])
 def test_steps_have_no_leading_axis_products_on_cpu(shape):
-    # XLA:CPU runs a product that contracts the lhs's leading axis (AᵀB) on a generic kernel,
-    # measured 1.2–2.2× slower than AB or ABᵀ (linalg.matmul_tn). muon's msign and the whole
-    # Stiefel step (dual step, retraction, and its untaken branches) are written so that no
-    # such product is left in the compiled program: square Stiefel in the row form, tall
-    # Grams through a transposed copy, the tall Gram iteration accumulating Qᵀ.
+    # XLA:CPU can run a product that contracts the lhs's leading axis (AᵀB) on a slower,
+    # generic kernel (linalg.matmul_tn). muon's msign and the whole Stiefel step (dual step,
+    # retraction, and its untaken branches) are written so that no such product is left in
+    # the optimized program: square Stiefel in the row form, tall Grams through a transposed
+    # copy, the tall Gram iteration accumulating Qᵀ. (The suite compiles with most
+    # optimizations off; this check is about the optimized program, so it turns them on.)
     W = jax.random.normal(jax.random.PRNGKey(0), shape)
-    for tx, m in [(mo.muon(0.02), None), (mo.manifold_muon(0.02, mo.Stiefel()), mo.Stiefel())]:
-        p = W if m is None else mo.project_params(W, m)
-        step = jax.jit(lambda g, s, p, tx=tx: tx.update(g, s, p))
-        hlo = step.lower(p, tx.init(p), p).compile().as_text()
-        contracted = re.findall(r" dot\([^\n]*lhs_contracting_dims=\{(\d+)\}", hlo)
-        assert contracted and "0" not in contracted, (shape, m)
+    before = jax.config.read("jax_disable_most_optimizations")
+    jax.config.update("jax_disable_most_optimizations", False)
+    try:
+        for tx, m in [(mo.muon(0.02), None), (mo.manifold_muon(0.02, mo.Stiefel()), mo.Stiefel())]:
+            p = W if m is None else mo.project_params(W, m)
+            step = jax.jit(lambda g, s, p, tx=tx: tx.update(g, s, p))
+            hlo = step.lower(p, tx.init(p), p).compile().as_text()
+            contracted = re.findall(r" dot\([^\n]*lhs_contracting_dims=\{(\d+)\}", hlo)
+            assert contracted and "0" not in contracted, (shape, m)
+    finally:
+        jax.config.update("jax_disable_most_optimizations", before)
