@@ -357,6 +357,7 @@ def test_bfloat16_params_stay_close(rng):
     assert float(m.distance(W2)) < BF16_EPS
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("m", MANIFOLDS, ids=manifold_id)
 def test_grouped_leaves_match_one_leaf_at_a_time(m, rng):
     """Same-shape leaves share one batched dual step and retraction; each leaf's

@@ -29,6 +29,7 @@ def test_exact_spectral_direction_is_tangent_to_the_true_top_pair():
     assert abs(np.sum(theta * phi)) / np.linalg.norm(phi) <= 1e-6
 
 
+@pytest.mark.slow
 def test_manifold_muon_power_iters_sets_the_spectral_retractions_accuracy():
     # A flat top spectrum (48 singular values within 2% of the top one, more than the 32-vector
     # block holds): the warm block's filter degree decides how well the retraction's Ritz value

@@ -28,6 +28,7 @@ def test_orthogonalize_matrices_and_batches(rng):
         np.testing.assert_allclose(out[k], ungrouped[k], atol=2e-5)
 
 
+@pytest.mark.slow
 def test_cpu_grouping_rule_runs_large_matrices_one_at_a_time(rng, monkeypatch):
     # group=None on CPU: matrices with a short side ≥ 128 run one at a time (no stacking, a
     # stack of their own unrolled, a long one looped), smaller same-shape ones are stacked;
