@@ -109,13 +109,9 @@ def muon(
     explicitly given ``ns_steps`` must be listed in ``static_args``; the learning rates, ``beta``
     and the weight decays can be injected (changed without recompiling).
 
-    Speed: same-shape matrices share one batched msign on GPU/TPU (``group``; on CPU large
-    matrices run one at a time, see :func:`orthogonalize`), rectangular ones use Gram
-    Newton–Schulz (``ns_method="auto"``), and ``compute_dtype=jnp.bfloat16`` runs the matmuls in
-    bfloat16 with float32 coefficients and normalization.
-
-    Many devices: ``sharding=MsignSharding(mesh, "gather" | "owner")`` (see
-    :mod:`manifold_optax.sharding`).
+    Speed: same-shape matrices share one batched msign on GPU/TPU (``group``), rectangular
+    ones use Gram Newton–Schulz, ``compute_dtype=jnp.bfloat16`` runs the matmuls in bfloat16;
+    ``sharding=MsignSharding(mesh, ...)`` places them on many devices.
 
     Parity with ``optax.contrib.muon``: ``ns_coeffs=(3.4445, -4.7750, 2.0315)``,
     ``normalization="frobenius"`` (defaults here are 5 Polar Express steps with Schatten-8
@@ -146,9 +142,8 @@ def muon(
       True
 
     References:
-      Jordan et al., "Muon: An optimizer for hidden layers in neural networks" (2024); Liu et
-      al., "Muon is Scalable for LLM Training" (arXiv:2502.16982); Amsel et al., "The Polar
-      Express" (arXiv:2505.16932).
+      Jordan et al., "Muon" (2024); Liu et al., "Muon is Scalable for LLM Training"
+      (arXiv:2502.16982); Amsel et al., "The Polar Express" (arXiv:2505.16932).
     """
     if adam_learning_rate is None:
         adam_learning_rate = learning_rate
