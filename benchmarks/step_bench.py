@@ -25,6 +25,7 @@ Run: ``python benchmarks/step_bench.py [--wide] [--reps N]``; writes
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import pathlib
@@ -70,6 +71,16 @@ def ns_flops(tree, steps=5):
     return sum(mo.newton_schulz_flops(x.shape, steps) for x in jax.tree.leaves(tree) if x.ndim == 2)
 
 
+@dataclasses.dataclass(frozen=True)
+class UnscaledStiefel(mo.Stiefel):
+    """Stiefel whose online direction is only projected onto the tangent space, without the
+    division by ``1 + ‖c‖_F`` that keeps ``‖Φ‖₂ ≤ max(1, ‖msign‖₂)``: the A/B row that prices
+    that division."""
+
+    def tangent_in_ball(self, W, Phi, c, theta=None):
+        return self.remove_normal(W, Phi, c)
+
+
 def optimizers(lr=0.02):
     hidden = lambda make: mo.by_shape(make)
     return {
@@ -85,6 +96,7 @@ def optimizers(lr=0.02):
             lr, hidden(lambda fi, fo: mo.SpectralSphere(math.sqrt(fo / fi)))
         ),
         "manifold_muon stiefel": mo.manifold_muon(lr, mo.Stiefel()),
+        "manifold_muon stiefel (unscaled projection)": mo.manifold_muon(lr, UnscaledStiefel()),
         # Last: its LAPACK eigensolver keeps threads busy after it returns, which slowed the
         # candidate timed next (the next round starts with AdamW, which absorbs it).
         "manifold_muon spectral_sphere (exact norm)": mo.manifold_muon(

@@ -35,7 +35,7 @@ from manifold_optax.transforms import (
     scale_by_shape,
 )
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 __all__ = [
     "__version__",

@@ -9,6 +9,7 @@ import jax
 import optax
 
 from manifold_optax import norms as _norms
+from manifold_optax._checks import checked
 from manifold_optax.labels import FALLBACK, MATRIX, label_params, path_to_str
 from manifold_optax.transforms import (
     DEFAULT_INIT_TOLERANCE,
@@ -175,10 +176,8 @@ def muon(
         mu_dtype=mu_dtype,
         nesterov=nesterov if adam_nesterov is None else adam_nesterov,
     )
-    return optax.partition(
-        {MATRIX: matrix_tx, FALLBACK: fallback_tx},
-        param_labels_fn(weight_dimension_numbers, fallback_patterns),
-    )
+    labels = param_labels_fn(weight_dimension_numbers, fallback_patterns)
+    return checked(optax.partition({MATRIX: matrix_tx, FALLBACK: fallback_tx}, labels), "muon")
 
 
 def trust_region(
@@ -202,7 +201,8 @@ def trust_region(
     Non-matrix leaves under a matrix norm count as ``(1, d)`` matrices (see :func:`dualize`).
 
     Args:
-      learning_rate: ``η``, the trust-region radius of one step (a float or schedule).
+      learning_rate: ``η``, the trust-region radius of one step (a float or schedule;
+        ``beta``, ``radius`` and ``learning_rate`` can be injected).
       norm: a norm name of :data:`~manifold_optax.NORMS`, or a tree prefix of names.
       beta: momentum decay.
       radius: ``ρ`` of the constraint ``‖x‖ ≤ ρ`` (``None``: unconstrained).
@@ -227,16 +227,18 @@ def trust_region(
     """
     if isinstance(norm, str):
         _norms.check_norm(norm)
+    # (optax.inject_hyperparams binds the catch-all as one keyword of that name.)
+    dualize_kwargs = {**dualize_kwargs.pop("dualize_kwargs", {}), **dualize_kwargs}
     parts = [
         momentum(beta, nesterov=nesterov, bias_correction=False),
         dualize(norm, weight_dimension_numbers, **dualize_kwargs),
     ]
     if radius is not None:
-        if not radius > 0:
+        if not isinstance(radius, jax.core.Tracer) and not radius > 0:
             raise ValueError(f"radius must be positive, got {radius}")
         parts.append(optax.add_decayed_weights(1.0 / radius))
     parts.append(optax.scale_by_learning_rate(learning_rate))
-    return optax.chain(*parts)
+    return checked(optax.chain(*parts), "trust_region")
 
 
 MANIFOLD = "manifold"
@@ -273,12 +275,12 @@ def manifold_muon(
     nesterov: bool = True,
     bias_correction: bool = True,
     dual_learning_rate: float | None = None,
-    inner_steps: int = 20,
+    inner_steps: int | None = None,
     ns_steps: int | None = None,
     ns_coeffs="polar_express",
     compute_dtype=None,
     exact_config=None,
-    power_iters: int = 6,
+    power_iters: int | None = None,
     init_tolerance: float | None = DEFAULT_INIT_TOLERANCE,
     mu_dtype=None,
     fallback: str = "adamw",
@@ -295,16 +297,16 @@ def manifold_muon(
 ) -> optax.GradientTransformation:
     r"""Manifold Muon: steepest descent under the spectral norm that keeps weights on a manifold.
 
-    Manifold leaves: :func:`momentum` → :func:`manifold_step` (``Φ = msign(G + C_W*(Y))``
-    and the multiplier update, the learning rate and the retraction, fused so that they share
-    products and gathers), i.e. ``W ← R(W − η·Φ)``. Every other leaf goes to AdamW (``fallback="adamw"``) or to
-    :func:`muon` (``fallback="muon"``; its own non-matrix leaves then go to AdamW).
+    Manifold leaves: :func:`momentum` → :func:`manifold_step` (``Φ = msign(G + C_W*(Y))``,
+    the multiplier update, the learning rate and the retraction, fused to share products and
+    gathers), i.e. ``W ← R(W − η·Φ)``. Every other leaf goes to AdamW (``fallback="adamw"``)
+    or to :func:`muon` (``fallback="muon"``; its own non-matrix leaves then go to AdamW).
 
     Args:
-      learning_rate: η (a float or schedule; injectable with ``optax.inject_hyperparams``).
+      learning_rate: η (a float or schedule). With ``optax.inject_hyperparams`` every float
+        can be injected; ``inner_steps`` and ``power_iters`` (sizes) go in ``static_args``.
       manifold: a ``Manifold`` (every matrix leaf: see :func:`~manifold_optax.label_params`'s
-        rule), a tree prefix of
-        ``Manifold | None``, or a callable ``params → such a tree``.
+        rule), a tree prefix of ``Manifold | None``, or a callable ``params → such a tree``.
       solver: ``"online"`` (default: one dual step per training step, the multiplier in the
         state — one msign per step), ``"dual_ascent"``, ``"exact"`` or ``"fixed_point"``.
       dual_learning_rate, inner_steps, exact_config, init_tolerance: see
@@ -313,13 +315,10 @@ def manifold_muon(
         (``compute_dtype`` also applies to the ``fallback="muon"`` matrices).
       sharding, group: many devices and batching, as in :func:`dual_ascent`.
       weight_dimension_numbers: the matrix each leaf is (e.g.
-        :func:`~manifold_optax.flax_dimension_numbers`'s tree), as in :func:`dual_ascent`;
-        a single ``Manifold`` then applies to the leaves with a spec, and the ``fallback="muon"``
-        matrices use the same spec.
-      fallback_patterns: regexes on a parameter's path (``re.search``) that keep it off the
-        manifold (e.g. ``("embed", "head")``).
-      power_iters: the spectral sphere retraction's filter degree, its accuracy against its
-        cost: see :func:`manifold_step` and ``benchmarks/spectral_accuracy.py``.
+        :func:`~manifold_optax.flax_dimension_numbers`'s tree), as in :func:`dual_ascent`; a
+        single ``Manifold`` then applies to the leaves with a spec (so does ``fallback="muon"``).
+      fallback_patterns: regexes on a path (``re.search``) kept off the manifold (``"head"``).
+      power_iters: the spectral sphere retraction's filter degree (6), see :func:`manifold_step`.
 
     The explicit chain ``optax.chain(momentum(beta), dual_ascent(manifold, solver),
     optax.scale_by_learning_rate(learning_rate), retract(manifold))`` computes the same update
@@ -397,4 +396,5 @@ def manifold_muon(
             adam_weight_decay=adam_weight_decay,
             sharding=sharding,
         )
-    return optax.partition({MANIFOLD: manifold_tx, FALLBACK: fallback_tx}, labels)
+    tx = optax.partition({MANIFOLD: manifold_tx, FALLBACK: fallback_tx}, labels)
+    return checked(tx, "manifold_muon")

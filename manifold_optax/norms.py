@@ -14,13 +14,14 @@ sign       max |W_ij|  (ℓ∞)                       sign(g)                   
 spectral   ‖W‖₂                                   msign(g)                       ‖g‖_*
 rms        √(d_in/d_out)·‖W‖₂  (RMS→RMS)          √(d_out/d_in)·msign(g)         √(d_out/d_in)·‖g‖_*
 row        max_i RMS(row_i)  (ℓ1→RMS)             each row at unit RMS           Σ_i √d_out·‖g_i‖₂
-column     max_j RMS(col_j)  (RMS→ℓ∞ / d_in)      each column at unit RMS        Σ_j √d_in·‖g_j‖₂
+column     √d_in·max_j ‖col_j‖₂  (RMS→ℓ∞)         each column at norm 1/√d_in    Σ_j ‖g_j‖₂/√d_in
 ========== ====================================== ============================== =====================
 
-``column`` is the RMS→ℓ∞ operator norm ``√d_in·max_j‖col_j‖₂`` divided by ``d_in`` so that its
-unit sphere is "every column at unit RMS" (the same direction; only the step's scale differs
-from the operator-norm convention of ``docs/math.md``'s table). A zero row, column or matrix dualizes to
-zero. These functions take single arrays; :func:`manifold_optax.dualize` maps them over a tree.
+``row`` and ``column`` are operator norms (Scion's embedding and head norms): ``row`` bounds
+``RMS(xW)`` for ``‖x‖₁ ≤ 1``, ``column`` bounds ``max_j |(xW)_j|`` for ``RMS(x) ≤ 1``; their
+unit balls are "every row at most unit RMS" and "every column of norm at most ``1/√d_in``". A
+zero row, column or matrix dualizes to zero. Computed in float32 (float64 for float64). These
+functions take single arrays; :func:`manifold_optax.dualize` maps them over a tree.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ import jax.numpy as jnp
 
 from manifold_optax._matrix import as_matrix
 from manifold_optax.linalg import msign, nuclear_norm, singular_values
+from manifold_optax.linalg._ops import accum_dtype
 
 __all__ = ["NORMS", "dualize_array", "dual_norm", "primal_norm", "check_norm"]
 
@@ -52,8 +54,9 @@ def dualize_array(norm: str, g: jax.Array, **msign_kwargs) -> jax.Array:
     """``argmax_{‖t‖=1} ⟨g, t⟩`` for one array (matrix norms read the last two axes; 0-D/1-D
     arrays count as ``(1, d)`` matrices)."""
     check_norm(norm)
+    acc = accum_dtype(jnp.result_type(g))
     if norm == "frobenius":
-        return _safe_div(g, jnp.sqrt(jnp.sum(jnp.square(g.astype(jnp.float32))))).astype(g.dtype)
+        return _safe_div(g, jnp.sqrt(jnp.sum(jnp.square(g.astype(acc))))).astype(g.dtype)
     if norm == "sign":
         return jnp.sign(g)
     shape = g.shape
@@ -64,19 +67,20 @@ def dualize_array(norm: str, g: jax.Array, **msign_kwargs) -> jax.Array:
         if norm == "rms":
             y = y * jnp.asarray(math.sqrt(d_out / d_in), y.dtype)
     elif norm == "row":
-        n = jnp.sqrt(jnp.sum(jnp.square(x.astype(jnp.float32)), axis=-1, keepdims=True))
-        y = (_safe_div(x.astype(jnp.float32), n) * math.sqrt(d_out)).astype(g.dtype)
+        n = jnp.sqrt(jnp.sum(jnp.square(x.astype(acc)), axis=-1, keepdims=True))
+        y = (_safe_div(x.astype(acc), n) * math.sqrt(d_out)).astype(g.dtype)
     else:  # column
-        n = jnp.sqrt(jnp.sum(jnp.square(x.astype(jnp.float32)), axis=-2, keepdims=True))
-        y = (_safe_div(x.astype(jnp.float32), n) * math.sqrt(d_in)).astype(g.dtype)
+        n = jnp.sqrt(jnp.sum(jnp.square(x.astype(acc)), axis=-2, keepdims=True))
+        y = (_safe_div(x.astype(acc), n) / math.sqrt(d_in)).astype(g.dtype)
     return y.reshape(shape)
 
 
 def dual_norm(norm: str, g: jax.Array) -> jax.Array:
     """``‖g‖† = max_{‖t‖=1} ⟨g, t⟩`` (exact: SVD for the spectral family), summed over any
-    batch axes, in float32."""
+    batch axes, in float32 (float64 for float64)."""
     check_norm(norm)
-    g32 = jnp.asarray(g, jnp.float32)
+    g32 = jnp.asarray(g)
+    g32 = g32.astype(accum_dtype(g32.dtype))
     if norm == "frobenius":
         return jnp.sqrt(jnp.sum(g32 * g32))
     if norm == "sign":
@@ -89,13 +93,14 @@ def dual_norm(norm: str, g: jax.Array) -> jax.Array:
         return math.sqrt(d_out / d_in) * jnp.sum(nuclear_norm(x))
     if norm == "row":
         return math.sqrt(d_out) * jnp.sum(jnp.sqrt(jnp.sum(x * x, axis=-1)))
-    return math.sqrt(d_in) * jnp.sum(jnp.sqrt(jnp.sum(x * x, axis=-2)))
+    return jnp.sum(jnp.sqrt(jnp.sum(x * x, axis=-2))) / math.sqrt(d_in)
 
 
 def primal_norm(norm: str, w: jax.Array) -> jax.Array:
     """The norm itself (max over any batch axes), for checking that ``dualize`` is unit-norm."""
     check_norm(norm)
-    w32 = jnp.asarray(w, jnp.float32)
+    w32 = jnp.asarray(w)
+    w32 = w32.astype(accum_dtype(w32.dtype))
     if norm == "frobenius":
         return jnp.sqrt(jnp.sum(w32 * w32))
     if norm == "sign":
@@ -107,4 +112,4 @@ def primal_norm(norm: str, w: jax.Array) -> jax.Array:
         return s if norm == "spectral" else math.sqrt(d_in / d_out) * s
     if norm == "row":
         return jnp.max(jnp.sqrt(jnp.mean(x * x, axis=-1)))
-    return jnp.max(jnp.sqrt(jnp.mean(x * x, axis=-2)))
+    return math.sqrt(d_in) * jnp.max(jnp.sqrt(jnp.sum(x * x, axis=-2)))

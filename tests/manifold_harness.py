@@ -85,3 +85,44 @@ def train(m, solver, steps, rng):
         params, state, value = step(params, state)
         losses.append(float(value))
     return params, losses
+
+
+def stiefel_problems(count, seed, n_max=16):
+    """A seeded search over Stiefel steepest-direction problems: every tall shape ``n×m``
+    with ``2 ≤ n ≤ n_max``, ``m < n`` (nearly square ones included), each problem wide (the
+    transpose) with probability ½, the gradient scaled by ``10^U(−3, 3)`` and, with
+    probability ½, given a strong normal component ``3·W·S`` (``S`` symmetric). Returns
+    ``{shape: (G, W)}`` of float64 batches (``W`` on the manifold), ``count`` problems in all.
+    """
+    rng = np.random.default_rng(seed)
+    shapes = [(n, m) for n in range(2, n_max + 1) for m in range(1, n)]
+    out = {}
+    for k in range(count):
+        n, m = shapes[k % len(shapes)]
+        W, _ = np.linalg.qr(rng.standard_normal((n, m)))
+        G = rng.standard_normal((n, m))
+        if rng.random() < 0.5:
+            S = rng.standard_normal((m, m))
+            G = G + 3.0 * np.linalg.norm(G) / np.sqrt(m) * W @ (S + S.T) / 2
+        G = G * 10.0 ** rng.uniform(-3, 3)
+        if rng.random() < 0.5:
+            W, G = W.T, G.T
+        Gs, Ws = out.setdefault(W.shape, ([], []))
+        Gs.append(G)
+        Ws.append(W)
+    return {s: (np.stack(g), np.stack(w)) for s, (g, w) in out.items()}
+
+
+def certified_gap(m, G, W, Phi, Y):
+    """The relative duality gap of one Stiefel solve, recomputed in float64 from its output:
+    ``(U − L)/U`` with ``L = ⟨Ĝ, Φ⟩`` and ``U = ‖Ĝ + C_W*(Y)‖_*``; with the feasibility of
+    ``Φ`` it certifies (``max(σ₁(Φ) − 1, 0)``, the relative tangent violation)."""
+    G64, Phi64 = np.asarray(G, np.float64), np.asarray(Phi, np.float64)
+    scale = np.linalg.norm(G64) / np.sqrt(min(G64.shape))
+    U = normalized_dual(m, G, W, Y, None)
+    L = np.sum(G64 * Phi64) / scale
+    s1 = np.linalg.svd(Phi64, compute_uv=False)[0]
+    W64 = np.asarray(W, np.float64)
+    C = W64.T @ Phi64 if W64.shape[0] > W64.shape[1] else W64 @ Phi64.T
+    tv = np.linalg.norm((C + C.T) / 2) / max(np.linalg.norm(Phi64), 1e-300)
+    return (U - L) / U, max(s1 - 1.0, 0.0), tv

@@ -23,11 +23,13 @@ import manifold_optax as mo
 
 
 @pytest.mark.parametrize("m", MANIFOLDS, ids=manifold_id)
-@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("shape", [s for s in SHAPES if s != (40, 40)])
 def test_exact_direction_is_optimal(m, shape, rng):
+    # (Square Stiefel takes its closed form: test_stiefel.py. The nearly square and tiny
+    # degenerate cases: test_correctness.py.)
     W = point(m, shape, rng)
     G = jnp.asarray(rng.standard_normal(shape), jnp.float32)
-    Phi, Y, aux = jax.jit(lambda G, W: m.solve(G, W, "exact"))(G, W)
+    Phi, Y, aux, _ = jax.jit(lambda G, W: m.solve(G, W, "exact"))(G, W)
     value = float(np.sum(np.asarray(G, np.float64) * np.asarray(Phi, np.float64)))
     bound = dual_bound(m, G, W, Y, aux)
     # Weak duality: value ≤ OPT ≤ bound for feasible Φ, so a small gap certifies optimality.
@@ -41,40 +43,45 @@ def test_exact_direction_is_optimal(m, shape, rng):
     else:
         tv = abs(np.sum(np.asarray(m.theta(W, aux), np.float64) * Phi64)) / np.linalg.norm(Phi64)
     assert tv <= 1e-5
-    assert np.linalg.svd(Phi64, compute_uv=False)[0] <= 1 + 1e-4
+    assert np.linalg.svd(Phi64, compute_uv=False)[0] <= 1 + 1e-5
 
 
 @pytest.mark.parametrize("m", MANIFOLDS, ids=manifold_id)
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_solvers_under_x64(m, dtype, rng):
-    # With jax_enable_x64 on (a float64 user's setting), the exact solvers run for float32 and
-    # float64 parameters and keep their dtype. float32: the gap bound of the float32 test
-    # above (1e-4). float64: the iterations stop at their own tolerances (residual RMS
-    # tol = 1e-6, a bracket 1e-7 wide), and the gap is first order in the residual,
-    # ⟨Y, C_W(Φ)⟩ ≤ ‖Y‖·‖C_W(Φ)‖ with ‖Y‖ = O(√m) in normalized units against a value of
-    # O(m): ≤ 10·tol; the final tangent projection is exact to float64 round-off
-    # (ε·m ≈ 1e-14 ≪ 1e-10). The spectral sphere's Θ comes from a float32 block iteration,
-    # so its float64 results are float32's. (The spheres' "fixed_point" is the same regula
-    # falsi as "exact".)
+    # With jax_enable_x64 on (a float64 user's setting), float64 parameters get float64 math
+    # end to end: with the solver tolerances at 1e-10 every solver that solves ("exact",
+    # "fixed_point", the spheres' included) is certified to a 1e-9 relative gap against an
+    # independent float64 dual bound, tangent to 1e-9, and the retraction lands on the
+    # manifold to 1e-12. float32 parameters keep the float32 path (float32 round-off; the
+    # exact solver alone: x64 once broke the scalar root's integer loop state).
     shape = (24, 12)
-    precise = dtype == "float64" and not isinstance(m, mo.SpectralSphere)
-    config = mo.manifolds.SolverConfig()
-    tol_gap, tol_tangent = (10 * config.tol, 1e-10) if precise else (1e-4, 1e-5)
-    solvers = ("exact", "fixed_point") if isinstance(m, mo.Stiefel) else ("exact",)
+    precise = dtype == "float64"
+    config = mo.manifolds.SolverConfig(tol=1e-10, gap_tol=1e-10)
+    tol_gap, tol_tangent, tol_dist = (1e-9, 1e-9, 1e-12) if precise else (1e-4, 1e-5, 1e-5)
     with jax.enable_x64(True):
         W = mo.project_params(jnp.asarray(rng.standard_normal(shape), dtype), m)
+        assert float(m.distance(W)) <= tol_dist
         G = jnp.asarray(rng.standard_normal(shape), dtype)
-        for solver in solvers:
-            Phi, Y, aux = jax.jit(lambda G, W, s=solver: m.solve(G, W, s, config=config))(G, W)
+        for solver in ("exact", "fixed_point") if precise else ("exact",):
+            Phi, Y, aux, info = jax.jit(lambda G, W, s=solver: m.solve(G, W, s, config=config))(
+                G, W
+            )
             assert Phi.dtype == jnp.dtype(dtype), solver
             value = float(np.sum(np.asarray(G, np.float64) * np.asarray(Phi, np.float64)))
             gap = (dual_bound(m, G, W, Y, aux) - value) / value
             assert -tol_gap <= gap <= tol_gap, (solver, gap)
+            assert abs(float(info.duality_gap) - gap) <= tol_gap, solver
             assert float(m.tangent_violation(W, Phi, aux)) <= tol_tangent, solver
+        if not precise:
+            return
+        R = m.retract(W - 0.05 * Phi)
+        assert R.dtype == jnp.dtype(dtype)
+        assert float(m.distance(R)) <= tol_dist
         tx = mo.manifold_muon(0.05, m, solver="exact")
         u, _ = jax.jit(tx.update)(G, tx.init(W), W)
         assert u.dtype == jnp.dtype(dtype)
-        assert float(m.distance(W + u)) <= 2e-6
+        assert float(m.distance(W + u)) <= tol_dist
 
 
 @pytest.mark.parametrize("m", MANIFOLDS, ids=manifold_id)
@@ -94,9 +101,9 @@ def test_dual_ascent_moves_the_multiplier_towards_the_dual_minimum(m, rng):
     # A strong normal component (W is normal for each manifold, in part for the spectral
     # sphere), so that the multiplier has far to go from Y₀ = 0.
     G = R + 2.0 * jnp.linalg.norm(R) / jnp.linalg.norm(W) * W
-    _, y_star, aux = jax.jit(lambda G, W: m.solve(G, W, "exact"))(G, W)
+    _, y_star, aux, _ = jax.jit(lambda G, W: m.solve(G, W, "exact"))(G, W)
     y_0 = jnp.zeros(m.multiplier_shape(shape))
-    _, y_k, _ = jax.jit(lambda G, W, Y: m.solve(G, W, "dual_ascent", Y=Y))(G, W, y_0)
+    _, y_k, _, _ = jax.jit(lambda G, W, Y: m.solve(G, W, "dual_ascent", Y=Y))(G, W, y_0)
     Gn = G / (jnp.linalg.norm(G) / np.sqrt(min(shape)))
     d_star, d_0, d_k = (normalized_dual(m, G, W, y, aux) for y in (y_star, y_0, y_k))
     assert d_0 - d_star > 0.05 * d_star, (d_0, d_star)  # Y₀ is far from optimal

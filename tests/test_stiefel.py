@@ -30,7 +30,7 @@ def test_fixed_point_is_certified_by_its_own_multiplier(rng):
     m = mo.Stiefel()
     W = point(m, (96, 16), rng)
     G = jnp.asarray(rng.standard_normal((96, 16)), jnp.float32)
-    Phi, Y, aux = jax.jit(lambda G, W: m.solve(G, W, "fixed_point"))(G, W)
+    Phi, Y, aux, _ = jax.jit(lambda G, W: m.solve(G, W, "fixed_point"))(G, W)
     value = float(np.sum(np.asarray(G, np.float64) * np.asarray(Phi, np.float64)))
     assert abs(dual_bound(m, G, W, Y, aux) - value) / value <= 1e-4
     assert float(m.tangent_violation(W, Phi)) <= 1e-5

@@ -95,7 +95,7 @@ save(
             "W = jnp.asarray(np.linalg.qr(rng.standard_normal((n, m)))[0], jnp.float32)\n"
             "G = jnp.asarray(rng.standard_normal((n, m)), jnp.float32)\n"
             "st = mo.Stiefel()\n"
-            "phi, X, _ = st.solve(G, W, 'exact')\n"
+            "phi, X, _, info = st.solve(G, W, 'exact')\n"
             "scale = float(jnp.linalg.norm(G) / np.sqrt(m))\n"
             "value = float(jnp.vdot(G, phi))\n"
             "bound = float(np.linalg.svd(np.asarray(G + scale * W @ X, np.float64), compute_uv=False).sum())\n"

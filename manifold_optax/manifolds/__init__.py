@@ -1,5 +1,6 @@
 """Matrix manifolds for manifold Muon: the template (``base``), its solvers (``solvers``), and
-one file per manifold (``sphere``, ``spectral_sphere``, ``stiefel``).
+the certified exact solver (``certified``), and one file per manifold (``sphere``,
+``spectral_sphere``, ``stiefel``).
 
 A new manifold subclasses :class:`Manifold` in a file of its own and is imported here, one line;
 it is then exported as ``manifold_optax.<Name>``.
@@ -8,8 +9,10 @@ it is then exported as ``manifold_optax.<Name>``.
 from manifold_optax.manifolds.base import SOLVERS as SOLVERS
 from manifold_optax.manifolds.base import Manifold as Manifold
 from manifold_optax.manifolds.base import PolishPlan as PolishPlan
+from manifold_optax.manifolds.base import Solution as Solution
 from manifold_optax.manifolds.base import SolverConfig as SolverConfig
 from manifold_optax.manifolds.base import is_manifold as is_manifold
+from manifold_optax.manifolds.certified import SolveInfo as SolveInfo
 from manifold_optax.manifolds.spectral_sphere import SpectralAux as SpectralAux
 from manifold_optax.manifolds.spectral_sphere import SpectralSphere as SpectralSphere
 from manifold_optax.manifolds.sphere import Sphere as Sphere
@@ -22,4 +25,10 @@ MANIFOLD_CLASSES = tuple(
     if isinstance(v, type) and issubclass(v, Manifold) and v is not Manifold
 )
 
-__all__ = ["Manifold", "SolverConfig", *(c.__name__ for c in MANIFOLD_CLASSES)]
+__all__ = [
+    "Manifold",
+    "SolverConfig",
+    "Solution",
+    "SolveInfo",
+    *(c.__name__ for c in MANIFOLD_CLASSES),
+]

@@ -6,13 +6,18 @@ Arrays are ``[*batch, rows, cols]``; reductions are over the last two axes.
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 
 from manifold_optax.linalg import matmul_tn
+from manifold_optax.linalg._ops import accum_dtype
 
 __all__ = [
     "HIGHEST",
+    "merge_batch",
+    "working",
     "hp_matmul",
     "transpose",
     "sym",
@@ -27,6 +32,21 @@ __all__ = [
 ]
 
 HIGHEST = jax.lax.Precision.HIGHEST
+
+
+def working(x):
+    """``x`` in its working precision: float64 stays float64, every other dtype (float32,
+    bfloat16, float16) is computed in float32."""
+    x = jnp.asarray(x)
+    return x.astype(accum_dtype(x.dtype))
+
+
+def merge_batch(*xs):
+    """``xs`` with the batch axes of the first (a ``[*batch, rows, cols]`` array) merged into
+    one leading axis (``None`` entries stay ``None``)."""
+    batch = xs[0].shape[:-2]
+    n = math.prod(batch)
+    return tuple(None if x is None else x.reshape((n,) + x.shape[len(batch) :]) for x in xs)
 
 
 def hp_matmul(a, b):

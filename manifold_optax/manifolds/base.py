@@ -28,13 +28,20 @@ import dataclasses
 import math
 from typing import Any, NamedTuple
 
+import jax
 import jax.numpy as jnp
 
-from manifold_optax.linalg import msign, singular_values
-from manifold_optax.manifolds import solvers
-from manifold_optax.manifolds._ops import HIGHEST, fro, inner, inverse_gradient_scale
+from manifold_optax.linalg import msign, msign_svd
+from manifold_optax.manifolds import certified, solvers
+from manifold_optax.manifolds._ops import (
+    HIGHEST,
+    fro,
+    inner,
+    inverse_gradient_scale,
+    merge_batch,
+)
 
-__all__ = ["Manifold", "SolverConfig", "PolishPlan", "SOLVERS", "is_manifold"]
+__all__ = ["Manifold", "SolverConfig", "Solution", "PolishPlan", "SOLVERS", "is_manifold"]
 
 SOLVERS = ("exact", "fixed_point", "dual_ascent", "online")
 
@@ -47,7 +54,12 @@ class SolverConfig:
       ns_steps: Newton–Schulz steps of every msign inside a solver (10 Polar Express steps
         reach float32 accuracy on spectra spanning ``[1e-3, 1]·σ_max``).
       max_iters: iteration cap of the exact / fixed-point solvers.
-      tol: residual (relative tangent violation) at which the exact solvers stop.
+      tol: residual (relative tangent violation) at which the fixed-point iterations stop.
+      gap_tol: relative duality gap at which ``"exact"`` stops (at least ``64·ε`` of the
+        working precision).
+      smoothing_max_size: largest multiplier (entries per matrix) for which ``"exact"``
+        continues with Newton's method on the smoothed dual when the fixed point leaves a gap
+        (its Hessian is dense); larger ones report the fixed point's gap.
       inner_steps: dual-ascent steps per call (``"dual_ascent"``).
       dual_learning_rate: ``η₂`` of the dual step, in units of the normalized gradient
         (``None``: the manifold's :attr:`~Manifold.default_dual_learning_rate`).
@@ -58,9 +70,20 @@ class SolverConfig:
     ns_steps: int = 10
     max_iters: int = 200
     tol: float = 1e-6
+    gap_tol: float = 1e-6
+    smoothing_max_size: int = 1024
     inner_steps: int = 20
     dual_learning_rate: float | None = None
     power_iters: int = 2
+
+
+class Solution(NamedTuple):
+    """What :meth:`Manifold.solve` returns."""
+
+    direction: Any  # Φ, W's shape and dtype
+    multiplier: Any  # Y, in units of the normalized gradient
+    aux: Any  # the manifold's auxiliary state, refreshed at W
+    info: Any  # a SolveInfo per matrix (converged, duality_gap, iterations)
 
 
 class PolishPlan(NamedTuple):
@@ -183,7 +206,9 @@ class Manifold:
     # --- the online step ------------------------------------------------------------------
     def dual_step_size(self, config: SolverConfig) -> float:
         """``η₂`` of the dual step: the configured one, else this manifold's default."""
-        return config.dual_learning_rate or self.default_dual_learning_rate
+        if config.dual_learning_rate is None:  # (may be an injected, traced value)
+            return self.default_dual_learning_rate
+        return config.dual_learning_rate
 
     def dual_step(self, Gn, W, Y, theta, eta, msign_fn):
         """One dual-ascent step on a normalized gradient ``Ĝ``: ``Φ = msign(Ĝ + C_W*(Y))``,
@@ -193,8 +218,17 @@ class Manifold:
         Phi = msign_fn(Gn + self.adjoint(W, Y, theta))
         c = self.constraint(W, Phi, theta)
         if self.project_dual_direction:
-            Phi = self.remove_normal(W, Phi, c, theta)
+            Phi = self.tangent_in_ball(W, Phi, c, theta)
         return Phi, Y - eta * c
+
+    def tangent_in_ball(self, W, Phi, c, theta=None):
+        """The tangent projection ``P = Φ − N`` of ``Φ`` (residual ``c``) divided by
+        ``1 + ‖N‖_F``: ``‖P‖₂ ≤ ‖Φ‖₂ + ‖N‖₂``, so the result has
+        ``‖·‖₂ ≤ (‖Φ‖₂ + ‖N‖_F)/(1 + ‖N‖_F) ≤ max(1, ‖Φ‖₂)`` — the projection never enlarges
+        the msign's overshoot — and it is ``P`` itself once the multiplier has converged
+        (``N → 0``)."""
+        P = self.remove_normal(W, Phi, c, theta)
+        return P / (1.0 + fro(Phi - P))[..., None, None]
 
     def online_direction(self, G, W, Y, aux, eta, msign_fn, power_iters: int):
         """The online solver's step: ``aux`` refreshed at ``W``, then :meth:`dual_step` on
@@ -238,7 +272,11 @@ class Manifold:
 
     # --- solvers --------------------------------------------------------------------------
     def solver_msign(self, Z, config: SolverConfig):
-        """The msign inside the solvers: ``config.ns_steps`` steps at HIGHEST precision."""
+        """The msign inside the solvers: ``config.ns_steps`` steps at HIGHEST precision, or
+        the exact polar factor by SVD in float64 (Newton–Schulz polynomials are tuned to
+        float32's accuracy)."""
+        if Z.dtype == jnp.float64:
+            return msign_svd(Z)
         return msign(Z, steps=config.ns_steps, precision=HIGHEST)
 
     def initial_multiplier(self, Gn, W, aux):
@@ -248,11 +286,14 @@ class Manifold:
 
     def solve_multiplier(self, Gn, W, Y, aux, solver: str, config: SolverConfig):
         """``(Φ, Y)`` on a normalized gradient: dual ascent for ``"online"`` /
-        ``"dual_ascent"``, else the scalar root of :func:`~.solvers.scalar_root`."""
+        ``"dual_ascent"``, Su's fixed point (:func:`~.solvers.scalar_fixed_point`) for
+        ``"fixed_point"``, else the scalar root of :func:`~.solvers.scalar_root`."""
         theta = self.theta(W, aux)
         if solver in ("dual_ascent", "online"):
             steps = 1 if solver == "online" else config.inner_steps
             return solvers.dual_ascent(self, Gn, W, Y, theta, steps, config)
+        if solver == "fixed_point":
+            return solvers.scalar_fixed_point(self, Gn, theta, config)
         return solvers.scalar_root(self, Gn, theta, config)
 
     def steepest_direction(self, G, W, solver: str = "exact", *, Y=None, aux=None, config=None):
@@ -260,11 +301,21 @@ class Manifold:
 
         ``Y`` (warm start) and ``aux`` are used by the iterative solvers; see :meth:`solve`.
         """
-        Phi, _, _ = self.solve(G, W, solver, Y=Y, aux=aux, config=config)
-        return Phi
+        return self.solve(G, W, solver, Y=Y, aux=aux, config=config).direction
 
-    def solve(self, G, W, solver: str = "exact", *, Y=None, aux=None, config=None):
-        """The steepest tangent direction and its multiplier.
+    def solve(
+        self, G, W, solver: str = "exact", *, Y=None, aux=None, config=None, certify: bool = True
+    ):
+        """The steepest tangent direction, its multiplier and a certificate.
+
+        ``"exact"`` runs the manifold's fast solver (a fixed point, a scalar root), certifies
+        it by the duality gap (``docs/math.md``, Certificates) and, where the gap exceeds
+        ``config.gap_tol`` (a degenerate dual: ``Ĝ + C_W*(Y*)`` rank-deficient), continues with
+        Newton's method on the smoothed dual
+        (:func:`~manifold_optax.manifolds.certified.smoothed_newton`; multipliers of at most
+        ``config.smoothing_max_size`` entries per matrix) until the gap is within it.
+        ``"fixed_point"`` stops at its residual; ``"dual_ascent"`` and ``"online"`` take
+        their fixed number of dual steps.
 
         Args:
           G: the gradient, ``W``'s shape.
@@ -274,12 +325,15 @@ class Manifold:
             projection's.
           aux: warm auxiliary state (:meth:`update_aux`), else a cold start.
           config: :class:`SolverConfig`.
+          certify: compute the duality gap (``"exact"`` always does); without it the
+            ``info`` gap is NaN.
 
         Returns:
-          ``(Φ, Y, aux)``: the direction in ``W``'s dtype (feasible: the exact solvers end
-          with a tangent projection and a rescaling to ``‖Φ‖₂ ≤ 1``; ``Φ = 0`` for ``G = 0``),
-          the multiplier and the refreshed auxiliary state. Computed in float32 (float64 for
-          float64 ``W``).
+          A :class:`Solution` ``(direction, multiplier, aux, info)``: ``Φ`` in ``W``'s dtype
+          (``Φ = 0`` for ``G = 0``; ``"exact"`` and ``"fixed_point"`` return it feasible:
+          tangent, ``‖Φ‖₂ ≤ 1``), the multiplier, the refreshed auxiliary state and a
+          :class:`~manifold_optax.manifolds.certified.SolveInfo` per matrix. Computed in
+          float32, or float64 for float64 ``W``.
         """
         if solver not in SOLVERS:
             raise ValueError(f"unknown solver {solver!r}; accepted: {SOLVERS}")
@@ -298,16 +352,47 @@ class Manifold:
         else:
             Y = jnp.asarray(Y, W.dtype)
         Phi, Y = self.solve_multiplier(Gn, W, Y, aux, solver, config)
-        if solver in ("exact", "fixed_point"):
-            # Feasibility polish: project onto the tangent space and rescale to ‖Φ‖₂ ≤ 1
-            # (moves Φ by the order of the iteration's residual).
-            Phi = self.project_tangent(W, Phi, aux)
-            s1 = singular_values(Phi)[..., 0]
-            Phi = Phi / jnp.maximum(s1, 1.0)[..., None, None]
-        elif self.project_dual_direction:
-            Phi = self.project_tangent(W, Phi, aux)  # as the online transform
+        theta = self.theta(W, aux)
+        if solver == "exact" or certify:
+            Phi, Y, info = self._certified(Gn, W, Phi, Y, theta, solver, config)
+        else:
+            if solver == "fixed_point":
+                flat = merge_batch(W, Phi, theta)
+                Phi = jax.lax.map(lambda a: certified.feasible(self, *a), flat).reshape(Phi.shape)
+            elif self.project_dual_direction:  # as the online transform
+                Phi = self.tangent_in_ball(W, Phi, self.constraint(W, Phi, theta), theta)
+            nan = jnp.full(W.shape[:-2], jnp.nan, W.dtype)
+            info = certified.SolveInfo(nan == 0, nan, jnp.zeros(W.shape[:-2], jnp.int32))
         Phi = jnp.where((fro(G) > 0)[..., None, None], Phi, 0.0)
-        return unflat(Phi.astype(out_dtype)), Y, aux
+        return Solution(unflat(Phi.astype(out_dtype)), Y, aux, info)
+
+    def _certified(self, Gn, W, Phi, Y, theta, solver, config):
+        """Per matrix: the feasible ``Φ``, the certified gap, and for ``"exact"`` the smoothed
+        Newton solve where the gap is above the tolerance."""
+        tol = certified.gap_tolerance(config, W.dtype)
+        per_y = int(math.prod(Y.shape[W.ndim - 2 :]))
+        newton = solver == "exact" and per_y <= config.smoothing_max_size
+
+        def one(Gn, W, Phi, Y, theta):
+            Pf, L, U = certified.certify(self, Gn, W, Phi, Y, theta)
+            k = jnp.asarray(0, jnp.int32)
+            if newton:
+
+                def refine(_):
+                    start = (Pf, L, Y, U)
+                    *best, kn = certified.smoothed_newton(self, Gn, W, start, theta, config, tol)
+                    return (*best, jnp.asarray(kn, jnp.int32))
+
+                Pf, L, Y, U, k = jax.lax.cond(
+                    certified.relative_gap(L, U) > tol, refine, lambda _: (Pf, L, Y, U, k), None
+                )
+            gap = certified.relative_gap(L, U)
+            return Pf, Y, certified.SolveInfo(gap <= tol, gap, k)
+
+        flat = merge_batch(Gn, W, Phi, Y, theta)
+        out = jax.lax.map(lambda a: one(*a), flat)
+        batch = W.shape[:-2]
+        return jax.tree.map(lambda o: o.reshape(batch + o.shape[1:]), out)
 
     def _as_matrices(self, W, G):
         W = jnp.asarray(W)

@@ -9,6 +9,7 @@ normalized to unit RMS singular value), whose gradient is the residual ``C_W(Φ)
   ``η₂/(k + 1)``); ``k = 1`` is the online solver;
 * :func:`scalar_root` — for a scalar multiplier along a fixed normal ``Θ``: the root of the
   nondecreasing ``h(λ) = ⟨Θ, msign(Ĝ + λΘ)⟩`` by safeguarded regula falsi (Illinois);
+* :func:`scalar_fixed_point` — Su's ``Q⁻¹``-free fixed point for a scalar multiplier;
 * :func:`fixed_point` and :func:`anderson` — a manifold's fixed-point map ``X ↦ F(X)`` iterated
   plainly or with Anderson mixing (type II), stopping at a residual tolerance.
 
@@ -21,9 +22,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from manifold_optax.manifolds._ops import fro, hp_matmul, inner, sym, transpose
+from manifold_optax.manifolds._ops import apply_sym, cross, fro, hp_matmul, inner, sym, transpose
 
-__all__ = ["dual_ascent", "scalar_root", "fixed_point", "anderson"]
+__all__ = ["dual_ascent", "scalar_root", "scalar_fixed_point", "fixed_point", "anderson"]
 
 
 def dual_ascent(manifold, Gn, W, Y, theta, steps: int, config):
@@ -50,7 +51,7 @@ def scalar_root(manifold, Gn, theta, config):
 
     The bracket ``[λ₀ − w, λ₀ + w]`` around the projection multiplier ``λ₀ = −⟨Θ, Ĝ⟩/‖Θ‖²``
     doubles until ``h`` changes sign; regula falsi then stops when ``min |h|/‖Θ‖ ≤ tol`` or the
-    bracket is ``1e-7`` relative (at most ``config.max_iters`` steps), and one last
+    bracket is ``1e-7`` relative (``1e-15`` in float64) (at most ``config.max_iters`` steps), and one last
     interpolation gives ``λ``. Returns ``(Φ, λ)``.
     """
     t2 = jnp.maximum(inner(theta, theta), 1e-30)
@@ -85,10 +86,11 @@ def scalar_root(manifold, Gn, theta, config):
     def not_done(c):
         lo, hi, hlo, hhi, _, i = c
         err = jnp.minimum(jnp.abs(hlo), jnp.abs(hhi)) / jnp.sqrt(t2)
-        return jnp.any((err > config.tol) & (hi - lo > 1e-7 * (jnp.abs(hi) + jnp.abs(lo)))) & (
+        return jnp.any((err > config.tol) & (hi - lo > rel * (jnp.abs(hi) + jnp.abs(lo)))) & (
             i < config.max_iters
         )
 
+    rel = 1e-7 if Gn.dtype == jnp.float32 else 1e-15  # the bracket's resolution
     side = jnp.zeros_like(lo, jnp.int32)
     lo, hi, hlo, hhi, _, _ = jax.lax.while_loop(not_done, step, (lo, hi, hlo, hhi, side, 0))
     lam = jnp.where(jnp.abs(hlo) < jnp.abs(hhi), lo, hi)
@@ -101,22 +103,81 @@ def scalar_root(manifold, Gn, theta, config):
     return Phi, lam
 
 
+def scalar_fixed_point(manifold, Gn, theta, config):
+    """Su's fixed point for a scalar multiplier along ``Θ``, per matrix of the batch.
+
+    At the optimum ``Z = Ĝ + λΘ = Φ·Q`` (polar decomposition, ``Q = ZᵀΦ`` on the short side)
+    with ``⟨Θ, Φ⟩ = 0``; taking the inner product with ``Θ`` gives the map
+
+    .. math::
+
+       λ ← \frac{⟨Θ, ΦQ⟩ − ⟨Θ, Φ⟩\\operatorname{tr}(Q)/m − ⟨Θ, Ĝ⟩}{‖Θ‖_F^2}
+
+    (the middle term vanishes at the solution and makes the map contract), from the
+    projection's ``λ₀ = −⟨Θ, Ĝ⟩/‖Θ‖²``. Stops when every ``|⟨Θ, Φ⟩|/‖Θ‖ ≤ tol`` or after
+    ``config.max_iters`` steps; each matrix keeps its iterate of smallest residual. Returns
+    ``(Φ, λ)``.
+    """
+    m = min(Gn.shape[-2:])
+    t2 = jnp.maximum(inner(theta, theta), 1e-30)
+    tg = inner(theta, Gn)
+
+    def step(lam):
+        Z = Gn + lam[..., None, None] * theta
+        Phi = manifold.solver_msign(Z, config)
+        Q = sym(cross(Z, Phi))
+        tp = inner(theta, Phi)
+        trq = jnp.trace(Q, axis1=-2, axis2=-1)
+        new = (inner(theta, apply_sym(Phi, Q)) - tp * trq / m - tg) / t2
+        return new, Phi, jnp.abs(tp) / jnp.sqrt(t2)
+
+    def body(c):
+        lam, k, best = c
+        new, Phi, res = step(lam)
+        better = res < best[0]
+        best = (
+            jnp.where(better, res, best[0]),
+            jnp.where(better[..., None, None], Phi, best[1]),
+            jnp.where(better, lam, best[2]),
+        )
+        new = jnp.where(jnp.isfinite(new), new, lam)
+        return new, k + 1, best
+
+    def go_on(c):
+        _, k, best = c
+        return jnp.any(best[0] > config.tol) & (k < config.max_iters)
+
+    lam0 = -tg / t2
+    best = (jnp.full_like(lam0, jnp.inf), jnp.zeros_like(Gn), lam0)
+    _, _, (_, Phi, lam) = jax.lax.while_loop(go_on, body, (lam0, 0, best))
+    return Phi, lam
+
+
 def fixed_point(step, X0, phi0, config):
     """Iterate ``X ← F(X)`` for one matrix problem until the residual is at most
-    ``config.tol`` or ``config.max_iters`` steps.
+    ``config.tol``, ``config.max_iters`` steps, or a non-finite residual.
 
     ``step(X)`` returns ``(F(X), Φ(X), residual(X))``; ``phi0`` is a zero direction of ``Φ``'s
-    shape. Returns ``(Φ, X, iterations)``.
+    shape. Returns the iterate of the smallest residual as ``(Φ, X, iterations)``.
     """
 
     def body(c):
-        X, k, _, _ = c
+        X, k, res, best = c
         Fx, Phi, res = step(X)
-        return Fx, k + 1, res, Phi
+        improved = res < best[0]
+        best = jax.tree.map(lambda new, old: jnp.where(improved, new, old), (res, Phi, X), best)
+        return Fx, k + 1, res, best
 
-    c = (X0, 0, jnp.inf, phi0)
-    c = jax.lax.while_loop(lambda c: (c[2] > config.tol) & (c[1] < config.max_iters), body, c)
-    return c[3], c[0], c[1]
+    def go_on(c):
+        _, k, res, _ = c
+        return (res > config.tol) & jnp.isfinite(res) & (k < config.max_iters)
+
+    inf = jnp.asarray(jnp.inf, X0.dtype)
+    big = jnp.asarray(jnp.finfo(X0.dtype).max, X0.dtype)  # finite: the loop starts
+    c = (X0, 0, big, (inf, phi0, X0))
+    c = jax.lax.while_loop(go_on, body, c)
+    _, Phi, X = c[3]
+    return Phi, X, c[1]
 
 
 def anderson(step, X0, phi0, config, depth: int = 12):

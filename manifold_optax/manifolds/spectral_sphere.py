@@ -8,7 +8,7 @@ from typing import Any, NamedTuple
 import jax.numpy as jnp
 
 from manifold_optax.linalg import per_matrix, singular_values, top_singular_subspace
-from manifold_optax.manifolds._ops import HIGHEST, cross, inverse_gradient_scale
+from manifold_optax.manifolds._ops import HIGHEST, cross, inverse_gradient_scale, working
 from manifold_optax.manifolds.base import Manifold
 
 __all__ = ["SpectralSphere", "SpectralAux"]
@@ -91,7 +91,7 @@ class SpectralSphere(Manifold):
     def theta(self, W, aux=None):
         """``Θ = u₁v₁ᵀ`` from ``aux``'s top pair when it carries one, else from a
         Rayleigh–Ritz step on ``aux``'s block (a cold start without ``aux``)."""
-        W = W.astype(jnp.float32)
+        W = working(W)
         if aux is None:
             aux = self.update_aux(W, self.init_aux(W), 40)
         u, v = self._top_vectors(W, aux)
@@ -137,26 +137,27 @@ class SpectralSphere(Manifold):
         return self.retract(V, aux), aux, None
 
     def norm2(self, W, aux=None):
-        """``‖W‖₂``: exact (the top eigenvalue of the short-side Gram) with ``exact_norm`` or
-        without ``aux``; else the warm block's estimate."""
-        W32 = jnp.asarray(W, jnp.float32)
-        if self.exact_norm or aux is None:
+        """``‖W‖₂``: exact (the top eigenvalue of the short-side Gram) with ``exact_norm``,
+        without ``aux`` or for float64 ``W`` (a float64 run is a reference run); else the warm
+        block's estimate."""
+        W32 = working(W)
+        if self.exact_norm or aux is None or W32.dtype == jnp.float64:
             A = cross(W32, W32)
             return jnp.sqrt(jnp.maximum(per_matrix(jnp.linalg.eigvalsh, A)[..., -1], 0.0))
         return self._pair(W32, aux)[0]
 
     def retract(self, W, aux=None):
-        W32 = jnp.asarray(W, jnp.float32)
+        W32 = working(W)
         s = self.norm2(W32, aux)
         out = self.radius * W32 / jnp.where(s > 0, s, 1.0)[..., None, None]
         return out.astype(jnp.result_type(W))
 
     def project(self, W):
         """``r·W/σ_max(W)`` with ``σ_max`` from an SVD."""
-        W32 = jnp.asarray(W, jnp.float32)
+        W32 = working(W)
         s = singular_values(W32)[..., 0]
         return self.radius * W32 / jnp.where(s > 0, s, 1.0)[..., None, None]
 
     def distance(self, W):
-        s = singular_values(jnp.asarray(W, jnp.float32))[..., 0]
+        s = singular_values(working(W))[..., 0]
         return jnp.max(jnp.abs(s - self.radius)) / self.radius

@@ -6,7 +6,7 @@ import dataclasses
 
 import jax.numpy as jnp
 
-from manifold_optax.manifolds._ops import fro, inverse_gradient_scale
+from manifold_optax.manifolds._ops import fro, inverse_gradient_scale, working
 from manifold_optax.manifolds.base import Manifold
 
 __all__ = ["Sphere"]
@@ -43,7 +43,7 @@ class Sphere(Manifold):
     runs_sharded = True
 
     def theta(self, W, aux=None):
-        W = W.astype(jnp.float32)
+        W = working(W)
         n = fro(W)
         return W / jnp.where(n > 0, n, 1.0)[..., None, None]
 
@@ -68,13 +68,13 @@ class Sphere(Manifold):
         return k[..., None, None] * (W - lr[..., None, None] * Phi), Y, aux, None
 
     def retract(self, W, aux=None):
-        W32 = jnp.asarray(W, jnp.float32)
+        W32 = working(W)
         Wm = W32 if W32.ndim >= 2 else W32.reshape(1, -1)
         n = fro(Wm)
         out = self.radius * Wm / jnp.where(n > 0, n, 1.0)[..., None, None]
         return out.reshape(jnp.shape(W)).astype(jnp.result_type(W))
 
     def distance(self, W):
-        W32 = jnp.asarray(W, jnp.float32)
+        W32 = working(W)
         Wm = W32 if W32.ndim >= 2 else W32.reshape(1, -1)
         return jnp.max(jnp.abs(fro(Wm) - self.radius)) / self.radius

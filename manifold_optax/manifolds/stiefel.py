@@ -21,6 +21,7 @@ from manifold_optax.manifolds._ops import (
     skew,
     sym,
     transpose,
+    working,
 )
 from manifold_optax.manifolds.base import Manifold, PolishPlan
 
@@ -58,6 +59,16 @@ def cubic(A):
     return 1.5 * eye - 0.5 * A
 
 
+def polish_tolerances(dtype):
+    """``(cubic, quintic)`` thresholds of :func:`polish_certificates` for a working dtype: the
+    float32 constants, or for float64 a cubic truncation of ``64·ε`` and the quintic's
+    ``‖A − I‖_F`` whose bound ``0.63e³`` is that."""
+    if dtype == jnp.float64:
+        t = 64 * float(jnp.finfo(jnp.float64).eps)
+        return t, (t / 0.63) ** (1.0 / 3.0)
+    return CUBIC_POLISH_TOLERANCE, QUINTIC_POLISH_TOLERANCE
+
+
 def polish_certificates(A):
     """``(cubic_ok, quintic_ok)`` per matrix for a normalized Gram ``A`` (trace ``m``).
 
@@ -66,12 +77,14 @@ def polish_certificates(A):
     spectral norms are bounded by ``¾e²(1 + e/3)`` and ``0.63e³`` (``e ≤ 5e-3``) for any upper
     bound ``e ≥ ‖D‖₂``; here ``e = min(‖D‖_F, max row sum of |D|)`` (Frobenius and Gershgorin;
     ``D`` is symmetric). ``cubic_ok``: the cubic's bound is within
-    :data:`CUBIC_POLISH_TOLERANCE`; ``quintic_ok``: ``‖D‖_F ≤`` :data:`QUINTIC_POLISH_TOLERANCE`.
+    :data:`CUBIC_POLISH_TOLERANCE`; ``quintic_ok``: ``‖D‖_F ≤`` :data:`QUINTIC_POLISH_TOLERANCE`
+    (float32; float64 ``A`` uses :func:`polish_tolerances`).
     """
+    cubic_tol, quintic_tol = polish_tolerances(A.dtype)
     f = fro_from_identity(A)
     e = jnp.minimum(f, row_sum_from_identity(A))
-    cubic_ok = 0.75 * e * e * (1.0 + e / 3.0) <= CUBIC_POLISH_TOLERANCE
-    return cubic_ok, f <= QUINTIC_POLISH_TOLERANCE
+    cubic_ok = 0.75 * e * e * (1.0 + e / 3.0) <= cubic_tol
+    return cubic_ok, f <= quintic_tol
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,9 +105,12 @@ class Stiefel(Manifold):
     as stored, never through a transposed copy: a square ``W`` takes the row form
     (``sym(WΦᵀ)``, ``X·W``, ``VVᵀ``).
 
-    Solvers: ``"exact"`` is Su's fixed point accelerated by Anderson mixing, ``"fixed_point"``
-    the plain one (fast for tall, skinny matrices), both one matrix at a time; the dual-ascent
-    solvers return ``Φ`` projected onto the tangent space.
+    Solvers: ``"exact"`` is Su's fixed point accelerated by Anderson mixing, certified by its
+    duality gap and continued by Newton's method on the smoothed dual where the dual is
+    degenerate (nearly square matrices; :mod:`~manifold_optax.manifolds.certified`);
+    ``"fixed_point"`` the plain one (fast for tall, skinny matrices), both one matrix at a
+    time; the dual-ascent solvers return ``Φ`` projected onto the tangent space and divided by
+    ``1 + ‖W·c‖_F`` (:meth:`tangent_in_ball`).
 
     Attributes:
       retract_steps: cap of the polish loop of the training retraction.
@@ -153,7 +169,8 @@ class Stiefel(Manifold):
 
     def dual_step(self, Gn, W, Y, theta, eta, msign_fn):
         """Square ``W``: the closed form. Otherwise ``Φ = msign(Ĝ + W·Y)``, ``c = sym(WᵀΦ)``,
-        ``(Φ − W·c, Y − η₂·c)``, without re-symmetrizing ``Y``: a multiplier that starts at
+        ``((Φ − W·c)/(1 + ‖c‖_F), Y − η₂·c)`` (:meth:`tangent_in_ball`), without
+        re-symmetrizing ``Y``: a multiplier that starts at
         zero and changes only by ``c = ½(B + Bᵀ)``, whose two halves are the same
         floating-point sum, stays exactly symmetric."""
         if W.shape[-2] == W.shape[-1]:
@@ -161,8 +178,13 @@ class Stiefel(Manifold):
         Phi = msign_fn(Gn + apply_sym(W, Y))
         c = self.constraint(W, Phi)
         if self.project_dual_direction:
-            Phi = Phi - apply_sym(W, c)
+            Phi = self.tangent_in_ball(W, Phi, c)
         return Phi, Y - eta * c
+
+    def tangent_in_ball(self, W, Phi, c, theta=None):
+        """``(Φ − W·c)/(1 + ‖c‖_F)`` (``‖W·c‖_F = ‖c‖_F`` on the manifold: an ``m×m``
+        reduction bounds the normal part; see :meth:`Manifold.tangent_in_ball`)."""
+        return (Phi - apply_sym(W, c)) / (1.0 + fro(c))[..., None, None]
 
     def solve_multiplier(self, Gn, W, Y, aux, solver, config):
         n, m = W.shape[-2:]
@@ -189,14 +211,16 @@ class Stiefel(Manifold):
         ``V`` cannot make the polish diverge. ``exact=True`` / ``None`` always takes the full
         msign first.
         """
-        X = jnp.asarray(W, jnp.float32)
+        X = working(W)
         m = min(X.shape[-2:])
-        eye = jnp.eye(m, dtype=jnp.float32)
+        eye = jnp.eye(m, dtype=X.dtype)
+        # Where the polish stops: float32's rounding, or float64's.
+        done_tol = 1e-6 if X.dtype == jnp.float32 else 1e-14
 
         def full_gram(X):
             # No renormalization after msign: its σ are already in [0, 1.01], and scaling by the
             # RMS σ would push a rank-deficient matrix's nonzero σ out of the quintic's basin.
-            X = msign(X, steps=10, precision=HIGHEST)
+            X = msign(X, steps=10, precision=HIGHEST).astype(X.dtype)
             return X, cross(X, X), jnp.ones(X.shape[:-2] + (1, 1), X.dtype)
 
         def err(A):
@@ -215,7 +239,7 @@ class Stiefel(Manifold):
 
             def go_on(c):
                 _, A, prev, f, k = c
-                done = jnp.max(jnp.abs(A - eye)) <= 1e-6
+                done = jnp.max(jnp.abs(A - eye)) <= done_tol
                 return ~done & ((f < 0.5 * prev) | (f > 0.1)) & (k < cap)
 
             return jax.lax.while_loop(go_on, body, (X, A, jnp.inf, err(A), 0))[0]
@@ -258,7 +282,7 @@ class Stiefel(Manifold):
         row form; ``c²`` its mean eigenvalue), ``1/c``, and per matrix whether one cubic or
         one quintic polish step ``V·p(A)/c`` is float32-accurate
         (:func:`polish_certificates`)."""
-        X = jnp.asarray(V, jnp.float32)
+        X = working(V)
         A, inv_c = normalized_gram(X)
         return PolishPlan(A, inv_c, *polish_certificates(A))
 
@@ -278,25 +302,16 @@ class Stiefel(Manifold):
         return self.retract(V, exact=False)
 
     def distance(self, W):
-        W = jnp.asarray(W, jnp.float32)
+        W = working(W)
         m = min(W.shape[-2:])
-        return jnp.max(jnp.abs(cross(W, W) - jnp.eye(m, dtype=jnp.float32)))
+        return jnp.max(jnp.abs(cross(W, W) - jnp.eye(m, dtype=W.dtype)))
 
 
 # ---- Su's fixed point (tall W, n > m) ----------------------------------------------------
 
 
 def _polar_svd(Z):
-    """Thin SVD ``Z = UΣVᵀ`` of a tall matrix: in float64 from the eigendecomposition of the
-    m×m Gram ``ZᵀZ`` (squaring the conditioning costs nothing at float64's precision), in
-    float32 from a true SVD (the Gram would lose small σ)."""
-    if Z.dtype == jnp.float64:
-        lam, V = jnp.linalg.eigh(hp_matmul(transpose(Z), Z))
-        lam, V = lam[..., ::-1], V[..., ::-1]
-        s = jnp.sqrt(jnp.maximum(lam, 0.0))
-        sf = jnp.maximum(s, s[..., :1] * 1e-14 + 1e-300)
-        U = hp_matmul(Z, V) / sf[..., None, :]
-        return U, s, V
+    """Thin SVD ``Z = UΣVᵀ`` of a tall matrix (``V`` not transposed)."""
     U, s, Vt = jnp.linalg.svd(Z, full_matrices=False)
     return U, s, transpose(Vt)
 
@@ -310,8 +325,13 @@ def _su_map(G, W, WtG, X):
     Phi = hp_matmul(U, transpose(V))
     Q = hp_matmul(V * s[None, :], transpose(V))
     rhs = hp_matmul(hp_matmul(transpose(V), sym(hp_matmul(Q, WtG))), V)
+    # σ_i + σ_j = 0 (a rank-deficient Z, a degenerate dual) has no Lyapunov solution: that
+    # block of X is left at zero (the certified solver takes over where it matters).
     denom = s[:, None] + s[None, :]
-    Fx = -2.0 * hp_matmul(hp_matmul(V, rhs / jnp.maximum(denom, 1e-30)), transpose(V))
+    ok = denom > s[0] * jnp.finfo(s.dtype).eps * m
+    Fx = -2.0 * hp_matmul(
+        hp_matmul(V, jnp.where(ok, rhs / jnp.where(ok, denom, 1.0), 0.0)), transpose(V)
+    )
     R = sym(hp_matmul(transpose(W), Phi))
     return sym(Fx), Phi, jnp.sqrt(jnp.sum(R * R)) / math.sqrt(m)
 

@@ -17,6 +17,7 @@ from manifold_optax._matrix import as_matrix, matrix_view
 from manifold_optax.labels import ambiguous_leaf_error, is_dim_nums, leaf_specs, path_to_str
 from manifold_optax.linalg import msign
 from manifold_optax.manifolds import SOLVERS, Manifold, PolishPlan, SolverConfig, is_manifold
+from manifold_optax.manifolds._ops import working
 from manifold_optax.sharding import replicate, run_replicated
 
 __all__ = [
@@ -201,7 +202,8 @@ def _shape_key(tree):
 
 def matrix_items(g_leaves, w_leaves, manifolds, states, reads_multiplier: bool = False, dims=None):
     """``(items, where, unviews)`` for :func:`run_grouped`: per manifold leaf ``i`` (listed in
-    ``where``), ``(key, (G, W, y, aux))`` in float32 with one flat batch axis (the leaf's
+    ``where``), ``(key, (G, W, y, aux))`` in the working precision (float32, float64 for float64
+    parameters) with one flat batch axis (the leaf's
     :func:`leaf_view` under ``dims``); the key groups leaves with the same manifold, matrix
     shape and state shapes. With ``reads_multiplier``, a leaf whose manifold does not read its
     multiplier passes ``y = None``. ``unviews[i]`` maps a matrix result back to leaf ``i``."""
@@ -210,14 +212,14 @@ def matrix_items(g_leaves, w_leaves, manifolds, states, reads_multiplier: bool =
         if m is None:
             continue
         d = None if dims is None else dims[i]
-        W, unviews[i] = leaf_view(w.astype(jnp.float32), d)
+        W, unviews[i] = leaf_view(working(w), d)
         if d is None:
-            G = as_matrix(g.astype(jnp.float32)).reshape(W.shape)
+            G = as_matrix(g.astype(working(w).dtype)).reshape(W.shape)
         else:
-            G = leaf_view(g.astype(jnp.float32).reshape(w.shape), d)[0]
+            G = leaf_view(g.astype(working(w).dtype).reshape(w.shape), d)[0]
         y = None if reads_multiplier and not m.reads_multiplier(W.shape) else ls.y
         args = tuple(_flat_batch(x, W.ndim - 2) for x in (G, W, y, ls.aux))
-        items.append(((m, args[1].shape[1:], _shape_key(args[3])), args))
+        items.append(((m, args[1].shape[1:], args[1].dtype, _shape_key(args[3])), args))
         where.append(i)
     return items, where, unviews
 
@@ -257,10 +259,29 @@ def initial_leaves(manifold, params, init_tolerance, power_iters, dims=None) -> 
         if m is None:
             out.append(LeafState(None, None))  # empty subtrees: nothing to checkpoint
             continue
-        W = leaf_view(jnp.asarray(x, jnp.float32), None if dims is None else dims[i])[0]
-        y = jnp.zeros(m.multiplier_shape(W.shape), jnp.float32)
+        W = leaf_view(working(x), None if dims is None else dims[i])[0]
+        y = jnp.zeros(m.multiplier_shape(W.shape), W.dtype)
         out.append(LeafState(y, m.update_aux(W, m.init_aux(W), power_iters)))
     return out
+
+
+#: Defaults of the structural integer arguments (loop lengths, filter degrees).
+STATIC_INT_DEFAULTS = {"inner_steps": 20, "power_iters": 6}
+
+
+def static_int(value, name: str) -> int:
+    """A structural integer argument (a loop length, a filter degree) read statically:
+    ``None`` gives its default (:data:`STATIC_INT_DEFAULTS`), a concrete value its ``int``;
+    a traced value (``optax.inject_hyperparams`` injects every numeric argument it is given)
+    is a ValueError saying to pass it in ``static_args``."""
+    if value is None:
+        return STATIC_INT_DEFAULTS[name]
+    if isinstance(value, jax.core.Tracer):
+        raise ValueError(
+            f"{name} sets the size of the computation and cannot be a traced hyperparameter; "
+            f"with optax.inject_hyperparams pass static_args=({name!r},)"
+        )
+    return int(value)
 
 
 def solver_config(solver, exact_config, inner_steps, dual_learning_rate) -> SolverConfig:
@@ -269,7 +290,7 @@ def solver_config(solver, exact_config, inner_steps, dual_learning_rate) -> Solv
         raise ValueError(f"unknown solver {solver!r}; accepted: {SOLVERS}")
     return dataclasses.replace(
         exact_config or SolverConfig(),
-        inner_steps=inner_steps,
+        inner_steps=static_int(inner_steps, "inner_steps"),
         dual_learning_rate=dual_learning_rate,
     )
 

@@ -3,10 +3,14 @@ tangent a direction is."""
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 
 from manifold_optax.labels import path_to_str
+from manifold_optax.manifolds import SolverConfig, certified
+from manifold_optax.manifolds._ops import fro, merge_batch, working
 from manifold_optax.transforms._leaves import (
     LeafState,
     leaf_view,
@@ -33,14 +37,45 @@ def _leaf_states(opt_state, n: int):
     return found[0] if found else None
 
 
+def _certificate(m, G, W, phi):
+    sol = m.solve(G, W, "exact")
+    gap = sol.info.duality_gap
+    if phi is not None:
+        # The direction's feasible value against the exact solve's dual value (both in
+        # normalized-gradient units).
+        Gn = G / jnp.maximum(fro(G) / math.sqrt(min(G.shape[-2:])), 1e-30)[..., None, None]
+        theta = m.theta(W, sol.aux)
+        Wf, Gf, Pf, Yf, tf = merge_batch(W, Gn, phi, sol.multiplier, theta)
+        L, U = jax.lax.map(
+            lambda a: certified.certify(m, a[1], a[0], a[2], a[3], a[4])[1:], (Wf, Gf, Pf, Yf, tf)
+        )
+        gap = certified.relative_gap(L, U)
+    gap = jnp.max(gap)
+    tol = certified.gap_tolerance(SolverConfig(), W.dtype)
+    return {"duality_gap": gap, "converged": gap <= tol}
+
+
 def diagnostics(
-    params, manifold_spec, opt_state=None, directions=None, *, weight_dimension_numbers=None
+    params,
+    manifold_spec,
+    opt_state=None,
+    directions=None,
+    *,
+    grads=None,
+    weight_dimension_numbers=None,
 ) -> dict:
     """Per manifold leaf, keyed by its path: ``distance`` to the manifold
     (:meth:`~manifold_optax.Manifold.distance`), and, when given, the ``multiplier_norm``
     (the Frobenius norm of the multiplier in the ``dual_ascent`` or ``manifold_step`` state
     inside ``opt_state``) and the largest relative ``tangent_violation``
     ``‖C_W(Φ)‖_F/‖Φ‖_F`` of ``directions`` (e.g. the ``dual_ascent`` output) at ``params``.
+
+    With ``grads`` (what the manifold step was given, e.g. the momentum), the certificate of
+    :meth:`~manifold_optax.Manifold.solve`: ``duality_gap`` and ``converged`` (the largest
+    gap and whether every matrix is within ``SolverConfig().gap_tol``) of ``directions`` —
+    the value of their feasible version (tangent projection, ``‖·‖₂ ≤ 1``) against the dual
+    value of the ``"exact"`` solve — or, without ``directions``, of the ``"exact"`` solve
+    itself.
 
     Call it outside ``jit`` for logging, or inside and log the arrays. With
     ``weight_dimension_numbers`` (as given to the optimizer) the matrix views are those.
@@ -58,19 +93,24 @@ def diagnostics(
     leaves = jax.tree.leaves(params)
     states = None if opt_state is None else _leaf_states(opt_state, len(leaves))
     d_leaves = jax.tree.leaves(directions) if directions is not None else None
+    g_leaves = jax.tree.leaves(grads) if grads is not None else None
     out = {}
     for i, (p, x, m) in enumerate(zip(paths(params), leaves, manifolds, strict=True)):
         if m is None:
             continue
-        W, _ = leaf_view(jnp.asarray(x, jnp.float32), None if dims is None else dims[i])
+        W, _ = leaf_view(working(x), None if dims is None else dims[i])
         entry = {"distance": m.distance(W)}
         if states is not None:
             entry["multiplier_norm"] = jnp.linalg.norm(states[i].y)
         if d_leaves is not None:
-            phi = jnp.asarray(d_leaves[i], jnp.float32).reshape(jnp.shape(x))
+            phi = jnp.asarray(d_leaves[i], W.dtype).reshape(jnp.shape(x))
             phi = leaf_view(phi, None if dims is None else dims[i])[0].reshape(W.shape)
             # The state's auxiliary state, refreshed at W (no warm iterations).
             aux = None if states is None else m.update_aux(W, states[i].aux, 0)
             entry["tangent_violation"] = jnp.max(m.tangent_violation(W, phi, aux))
+        if grads is not None:
+            G = jnp.asarray(g_leaves[i], W.dtype).reshape(jnp.shape(x))
+            G = leaf_view(G, None if dims is None else dims[i])[0].reshape(W.shape)
+            entry.update(_certificate(m, G, W, None if d_leaves is None else phi))
         out[path_to_str(p)] = entry
     return out

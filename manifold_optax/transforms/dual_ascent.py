@@ -37,7 +37,7 @@ def dual_ascent(
     solver: str = "online",
     *,
     dual_learning_rate: float | None = None,
-    inner_steps: int = 20,
+    inner_steps: int | None = None,
     ns_steps: int | None = None,
     ns_coeffs="polar_express",
     compute_dtype=None,
@@ -132,7 +132,7 @@ def dual_ascent(
             def leaf_step(G, W, y, aux):
                 if solver == "online":
                     return m.online_direction(G, W, y, aux, eta, msign_fn(ms_kwargs), iters)
-                return m.solve(G, W, solver, Y=y, aux=aux, config=cfg)
+                return m.solve(G, W, solver, Y=y, aux=aux, config=cfg, certify=False)[:3]
 
             # Otherwise gather W and G once and compute whole matrices on every device: split
             # matrices would turn the block and polar iterations into many small collectives.

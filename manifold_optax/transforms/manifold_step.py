@@ -23,6 +23,7 @@ from manifold_optax.transforms._leaves import (
     reshaped,
     run_grouped,
     solver_config,
+    static_int,
     update_leaves,
     update_to,
     view_specs,
@@ -45,12 +46,12 @@ def manifold_step(
     solver: str = "online",
     *,
     dual_learning_rate: float | None = None,
-    inner_steps: int = 20,
+    inner_steps: int | None = None,
     ns_steps: int | None = None,
     ns_coeffs="polar_express",
     compute_dtype=None,
     exact_config: SolverConfig | None = None,
-    power_iters: int = 6,
+    power_iters: int | None = None,
     init_tolerance: float | None = DEFAULT_INIT_TOLERANCE,
     sharding=None,
     group: bool | None = None,
@@ -103,6 +104,7 @@ def manifold_step(
       True
     """
     cfg = solver_config(solver, exact_config, inner_steps, dual_learning_rate)
+    power_iters = static_int(power_iters, "power_iters")
     ms_kwargs = dict(steps=ns_steps, coeffs=ns_coeffs, compute_dtype=compute_dtype)
 
     def group_step(key, G, W, y, aux, lr):
@@ -118,7 +120,7 @@ def manifold_step(
             if solver == "online":
                 fn = msign_fn(ms_kwargs)
                 return m.online_retracted_step(G, W, y, aux, lr, eta, fn, power_iters)
-            phi, y, _ = m.solve(G, W, solver, Y=y, aux=aux, config=cfg)
+            phi, y, _, _ = m.solve(G, W, solver, Y=y, aux=aux, config=cfg, certify=False)
             X, aux, plan = m.begin_retraction(W - lr * phi, aux, power_iters)
             return X, y, aux, plan
 

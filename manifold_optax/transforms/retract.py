@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from manifold_optax.manifolds._ops import working
 from manifold_optax.sharding import run_replicated
 from manifold_optax.transforms._leaves import (
     Deferred,
@@ -18,6 +19,7 @@ from manifold_optax.transforms._leaves import (
     reshaped,
     resolve_manifolds,
     run_grouped,
+    static_int,
     update_leaves,
     update_to,
     view_specs,
@@ -35,7 +37,7 @@ class RetractState(NamedTuple):
 def retract(
     manifold,
     *,
-    power_iters: int = 6,
+    power_iters: int | None = None,
     sharding=None,
     group: bool | None = None,
     weight_dimension_numbers=None,
@@ -47,7 +49,8 @@ def retract(
     ``r·V/‖V‖_F``; ``SpectralSphere`` ``r·V/‖V‖₂`` with ``‖V‖₂`` from a warm block refined by a
     degree-``power_iters`` Chebyshev filter; ``Stiefel`` the polar factor of ``V`` by one
     certified Newton–Schulz polish step (``V`` is within O(η²) of the manifold after a tangent
-    step), with a fallback for matrices where it is not certified. Computed in float32 at
+    step), with a fallback for matrices where it is not certified. Computed in float32 (float64
+    for float64 parameters) at
     HIGHEST matmul precision; bfloat16 parameters are retracted in float32 and rounded.
     Leaves without a manifold pass through.
 
@@ -61,6 +64,8 @@ def retract(
       state is a :class:`RetractState`.
     """
 
+    power_iters = static_int(power_iters, "power_iters")
+
     def init_fn(params):
         dims = view_specs(weight_dimension_numbers, params)
         manifolds = resolve_manifolds(manifold, params, dims)
@@ -69,7 +74,7 @@ def retract(
             if m is None:
                 auxes.append(None)
             else:
-                W = leaf_view(jnp.asarray(x, jnp.float32), None if dims is None else dims[i])[0]
+                W = leaf_view(working(x), None if dims is None else dims[i])[0]
                 auxes.append(m.update_aux(W, m.init_aux(W), power_iters))
         return RetractState(tuple(auxes))
 
@@ -84,12 +89,12 @@ def retract(
             if m is None:
                 continue
             V, unviews[i] = leaf_view(
-                w.astype(jnp.float32) + u.astype(jnp.float32).reshape(w.shape),
+                working(w) + u.astype(working(w).dtype).reshape(w.shape),
                 None if dims is None else dims[i],
             )
             nb = V.ndim - 2
             args = jax.tree.map(lambda a, nb=nb: a.reshape((-1,) + a.shape[nb:]), (V, aux))
-            key = (m, args[0].shape[1:], jax.tree.map(lambda a: a.shape[1:], args[1]))
+            key = (m, args[0].shape[1:], V.dtype, jax.tree.map(lambda a: a.shape[1:], args[1]))
             items.append((key, args))
             where.append(i)
 
@@ -150,6 +155,6 @@ def project_params(params, manifold_spec, *, weight_dimension_numbers=None):
         if m is None:
             out.append(x)
             continue
-        W, unview = leaf_view(jnp.asarray(x, jnp.float32), None if dims is None else dims[i])
+        W, unview = leaf_view(working(x), None if dims is None else dims[i])
         out.append(unview(m.project(W)).astype(jnp.result_type(x)))
     return jax.tree.unflatten(treedef, out)
