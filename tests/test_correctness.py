@@ -46,9 +46,15 @@ def _pinned_stiefel_cases():
     return out
 
 
-def _check_exact(dtype, problems, gap_tol):
+def _check_exact(dtype, problems, gap_tol, others=False):
+    """``exact`` certified within ``gap_tol`` on every problem (and, with ``others``, finite
+    directions from ``fixed_point`` and ``dual_ascent``)."""
     st = mo.Stiefel()
     for shape, (G, W) in problems.items():
+        if others:
+            for solver in ("fixed_point", "dual_ascent"):
+                phi = jax.jit(lambda G, W, s=solver: st.solve(G, W, s, certify=False).direction)
+                assert np.all(np.isfinite(np.asarray(phi(G.astype(dtype), W.astype(dtype)))))
         sol = jax.jit(lambda G, W: st.solve(G, W, "exact"))(
             jnp.asarray(G, dtype), jnp.asarray(W, dtype)
         )
@@ -86,7 +92,8 @@ def test_exact_stiefel_certified_on_degenerate_duals(dtype):
 def test_exact_stiefel_certified_over_a_random_search(dtype):
     with jax.enable_x64(True):
         problems = stiefel_problems(2000, seed=0)
-        _check_exact(jnp.dtype(dtype), problems, 1e-6 if dtype == "float64" else 2e-3)
+        gap_tol = 1e-6 if dtype == "float64" else 2e-3
+        _check_exact(jnp.dtype(dtype), problems, gap_tol, others=dtype == "float64")
 
 
 def test_no_nan_on_degenerate_duals():
@@ -116,8 +123,9 @@ def _adversarial(m, shape, rng):
     "m,shape",
     [
         (MANIFOLDS[0], (48, 12)),
-        (MANIFOLDS[0], (12, 48)),
+        pytest.param(MANIFOLDS[0], (12, 48), marks=pytest.mark.slow),
         (MANIFOLDS[1], (12, 48)),
+        pytest.param(MANIFOLDS[2], (48, 12), marks=pytest.mark.slow),
     ],
     ids=lambda x: manifold_id(x) if not isinstance(x, tuple) else "x".join(map(str, x)),
 )
@@ -158,9 +166,7 @@ def _inject_cases():
     for m in MANIFOLDS:
         for solver in SOLVERS:
             stiefel, spectral = isinstance(m, mo.Stiefel), isinstance(m, mo.SpectralSphere)
-            fast = (stiefel and solver in ("online", "dual_ascent")) or (
-                spectral and solver == "online"
-            )
+            fast = (stiefel and solver == "dual_ascent") or (spectral and solver == "online")
             marks = () if fast else (pytest.mark.slow,)
             yield pytest.param("manifold_muon", m, solver, marks=marks)
 

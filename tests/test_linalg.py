@@ -215,7 +215,7 @@ def test_norms_and_top_pair(rng):
     assert float(s0) == 0.0 and np.all(np.isfinite(u0)) and np.all(np.isfinite(v0))
 
 
-@pytest.mark.parametrize("wide", [False, True])
+@pytest.mark.parametrize("wide", [pytest.param(False, marks=pytest.mark.slow), True])
 def test_chebyshev_filter_beats_power_steps_on_a_flat_top_spectrum(wide):
     # The spectral sphere's situation: a slowly decaying top spectrum (σ_j = 1 − 0.004j, so
     # σ₁₇/σ₁ = 0.936 for a 16-vector block) and a warm block from a nearby matrix (the

@@ -110,6 +110,7 @@ def manifold_step(
     def group_step(key, G, W, y, aux, lr):
         m = key[0]
         eta = m.dual_step_size(cfg)
+        lr = lr.astype(W.dtype)  # (float64 parameters: every product in float64)
         if solver == "online" and m.runs_sharded:
             # Elementwise apart from the msign, whose input alone is gathered, and a few
             # reductions (scalar all-reduces on sharded parameters).
