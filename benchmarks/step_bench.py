@@ -97,6 +97,7 @@ def optimizers(lr=0.02):
         ),
         "manifold_muon stiefel": mo.manifold_muon(lr, mo.Stiefel()),
         "manifold_muon stiefel (unscaled projection)": mo.manifold_muon(lr, UnscaledStiefel()),
+        "manifold_muon oblique": mo.manifold_muon(lr, hidden(lambda fi, fo: mo.Oblique(1.0))),
         # Last: its LAPACK eigensolver keeps threads busy after it returns, which slowed the
         # candidate timed next (the next round starts with AdamW, which absorbs it).
         "manifold_muon spectral_sphere (exact norm)": mo.manifold_muon(
@@ -230,6 +231,8 @@ def main():
 def tx_manifold(name):
     if "stiefel" in name:
         return mo.Stiefel()
+    if "oblique" in name:
+        return mo.Oblique()
     if "spectral_sphere" in name:
         return mo.by_shape(lambda fi, fo: mo.SpectralSphere(math.sqrt(fo / fi)))
     if "sphere" in name:

@@ -2,9 +2,10 @@
 
 Run ``python -m manifold_optax.demo`` (needs the ``demo`` extra: scikit-learn, matplotlib,
 tqdm). Trains 64→256→256→10 with AdamW, ``optax.contrib.muon``, our ``muon`` and
-``manifold_muon`` on Stiefel, the spectral sphere and the sphere (hidden layers on the
-manifold, the output head and biases on AdamW), all for the same number of steps; prints a
-table and writes ``loss_and_spectra.png`` and ``results.json`` to ``--out``.
+``manifold_muon`` on Stiefel, the spectral sphere, the sphere and the oblique manifold (unit
+columns), the hidden layers on the manifold and the output head and biases on AdamW, all for
+the same number of steps; prints a table and writes ``loss_and_spectra.png`` and
+``results.json`` to ``--out``.
 
 Learning rates are tuned defaults from a 3-point sweep on this task (``--sweep`` re-runs it:
 ×1/3, ×1, ×3 of each default, chosen by the loss on a validation split of the training set,
@@ -37,6 +38,7 @@ DEFAULT_LR = {
     "stiefel": 0.02,
     "spectral_sphere": 0.02,
     "sphere": 0.15,
+    "oblique": 0.05,
 }
 OPTIMIZERS = tuple(DEFAULT_LR)
 
@@ -86,6 +88,7 @@ MANIFOLDS = {
     "stiefel": lambda fi, fo: mo.Stiefel(),
     "spectral_sphere": lambda fi, fo: mo.SpectralSphere(math.sqrt(fo / fi)),
     "sphere": lambda fi, fo: mo.Sphere(math.sqrt(fo)),
+    "oblique": lambda fi, fo: mo.Oblique(1.0),
 }
 
 
@@ -115,6 +118,8 @@ def constraint_violation(name: str, params) -> float | None:
         elif name == "spectral_sphere":
             r = math.sqrt(fo / fi)
             v = abs(s[0] - r) / r
+        elif name == "oblique":
+            v = np.abs(np.linalg.norm(w, axis=0) - 1.0).max()
         else:
             r = math.sqrt(fo)
             v = abs(np.linalg.norm(w) - r) / r

@@ -6,12 +6,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 
 import manifold_optax as mo
 
 #: Every manifold runs through the contract tests (``test_manifold_contract.py``); a new
 #: manifold is added here.
 MANIFOLDS = [mo.Stiefel(), mo.SpectralSphere(2.0), mo.Sphere(3.0)]
+
+#: The contract's manifolds: ``MANIFOLDS`` in the suite, the oblique manifold (both axes) in
+#: the slow checks (``tests/test_oblique.py`` runs its own checks in the suite).
+CONTRACT = MANIFOLDS + [
+    pytest.param(mo.Oblique(2.0), marks=pytest.mark.slow),
+    pytest.param(mo.Oblique(axis=-1), marks=pytest.mark.slow),
+]
 SHAPES = [(64, 32), (32, 64), (40, 40), (64, 60), (200, 24)]
 
 #: bfloat16's machine epsilon (8-bit significand); its round-to-nearest unit round-off is u/2.
@@ -19,7 +27,7 @@ BF16_EPS = 2.0**-8
 
 
 def manifold_id(m):
-    return type(m).__name__
+    return type(m).__name__ + (f"{m.axis}" if isinstance(m, mo.Oblique) else "")
 
 
 #: The last two axes are the matrix, leading axes a batch: stated explicitly (without a spec a
@@ -46,6 +54,10 @@ def dual_bound(m, G, W, Y, aux):
         Y64 = (Y64 + Y64.T) / 2
         # Tall: WY (WᵀW = I); wide and square: YW (the row form, WWᵀ = I).
         adj = W64 @ Y64 if W64.shape[0] > W64.shape[1] else Y64 @ W64
+    elif isinstance(m, mo.Oblique):
+        W64, Y64 = np.asarray(W, np.float64), np.asarray(Y, np.float64)
+        Wu = W64 / np.linalg.norm(W64, axis=m.axis, keepdims=True)
+        adj = Wu * (Y64[None, :] if m.axis == -2 else Y64[:, None])
     else:
         adj = float(Y) * np.asarray(m.theta(W, aux), np.float64)
     return nuclear64(G64 + scale * adj)

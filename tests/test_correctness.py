@@ -124,7 +124,7 @@ def _adversarial(m, shape, rng):
     [
         (MANIFOLDS[0], (48, 12)),
         pytest.param(MANIFOLDS[0], (12, 48), marks=pytest.mark.slow),
-        (MANIFOLDS[1], (12, 48)),
+        pytest.param(MANIFOLDS[1], (12, 48), marks=pytest.mark.slow),
         pytest.param(MANIFOLDS[2], (48, 12), marks=pytest.mark.slow),
     ],
     ids=lambda x: manifold_id(x) if not isinstance(x, tuple) else "x".join(map(str, x)),
@@ -224,9 +224,15 @@ def test_diagnostics_reports_the_certificate(rng):
     m = mo.Stiefel()
     W = point(m, (15, 14), rng)
     G = jnp.asarray(rng.standard_normal((15, 14)), jnp.float32)
-    d = mo.diagnostics({"w": W}, m, grads={"w": G})["w"]
-    assert bool(d["converged"]) and float(d["duality_gap"]) <= 2e-3
     # The projected msign of the gradient is feasible but not optimal: its gap shows.
     phi = mo.msign(G - W @ ((W.T @ G + G.T @ W) / 2), steps=10)
-    d = mo.diagnostics({"w": W}, m, directions={"w": phi}, grads={"w": G})["w"]
-    assert float(d["duality_gap"]) > 1e-3 and not bool(d["converged"])
+
+    @jax.jit
+    def both(W, G, phi):
+        alone = mo.diagnostics({"w": W}, m, grads={"w": G})["w"]
+        given = mo.diagnostics({"w": W}, m, directions={"w": phi}, grads={"w": G})["w"]
+        return alone, given
+
+    d, e = both(W, G, phi)
+    assert bool(d["converged"]) and float(d["duality_gap"]) <= 2e-3
+    assert float(e["duality_gap"]) > 1e-3 and not bool(e["converged"])

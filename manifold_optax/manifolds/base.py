@@ -55,7 +55,7 @@ class SolverConfig:
         reach float32 accuracy on spectra spanning ``[1e-3, 1]·σ_max``).
       max_iters: iteration cap of the exact / fixed-point solvers.
       tol: residual (relative tangent violation) at which the fixed-point iterations stop.
-      gap_tol: relative duality gap at which ``"exact"`` stops (at least ``64·ε`` of the
+      gap_tol: relative duality gap at which ``"exact"`` stops (at least ``256·ε`` of the
         working precision).
       smoothing_max_size: largest multiplier (entries per matrix) for which ``"exact"``
         continues with Newton's method on the smoothed dual when the fixed point leaves a gap
@@ -185,6 +185,10 @@ class Manifold:
                 f"parameter {path!r} has dtype {dt}: manifolds need real floating parameters"
             )
 
+    def check_point(self, W, path: str) -> None:
+        """ValueError naming ``path`` if this manifold cannot project the concrete matrix
+        ``W`` (e.g. an oblique manifold's zero column); called by ``project_params``."""
+
     # --- auxiliary state ------------------------------------------------------------------
     def init_aux(self, W):
         """The auxiliary state before any refinement (a pytree; ``None``: none needed)."""
@@ -309,7 +313,7 @@ class Manifold:
         """The steepest tangent direction, its multiplier and a certificate.
 
         ``"exact"`` runs the manifold's fast solver (a fixed point, a scalar root), certifies
-        it by the duality gap (``docs/math.md``, Certificates) and, where the gap exceeds
+        it by the duality gap (``docs/math.md``, The certificate) and, where the gap exceeds
         ``config.gap_tol`` (a degenerate dual: ``Ĝ + C_W*(Y*)`` rank-deficient), continues with
         Newton's method on the smoothed dual
         (:func:`~manifold_optax.manifolds.certified.smoothed_newton`; multipliers of at most

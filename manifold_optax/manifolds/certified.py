@@ -51,9 +51,10 @@ class SolveInfo(NamedTuple):
 
 
 def gap_tolerance(config, dtype) -> float:
-    """The relative gap ``exact`` stops at: ``config.gap_tol``, at least ``64·ε`` of the
-    working precision (float32 cannot certify below)."""
-    return max(config.gap_tol, 64 * float(jnp.finfo(dtype).eps))
+    """The relative gap ``exact`` stops at: ``config.gap_tol``, at least ``256·ε`` of the
+    working precision (the SVDs of the certificate are accurate to some ``64·ε``; float32
+    cannot certify below)."""
+    return max(config.gap_tol, 256 * float(jnp.finfo(dtype).eps))
 
 
 def _svd(Z):
@@ -62,9 +63,10 @@ def _svd(Z):
 
 
 def feasible(manifold, W, Phi, theta):
-    """The tangent projection of ``Φ`` divided by ``max(1, ‖·‖₂)`` (single matrix)."""
+    """The tangent projection of ``Φ`` divided by ``max(1, ‖·‖₂)`` (single matrix; ``‖·‖₂``
+    from an SVD, raised by ``64·ε`` to cover its round-off)."""
     P = manifold.remove_normal(W, Phi, manifold.constraint(W, Phi, theta), theta)
-    s1 = jnp.linalg.svd(P, compute_uv=False)[0]
+    s1 = jnp.linalg.svd(P, compute_uv=False)[0] * (1.0 + 64 * jnp.finfo(P.dtype).eps)
     return P / jnp.maximum(s1, 1.0)
 
 

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from manifold_optax.labels import path_to_str
 from manifold_optax.manifolds._ops import working
 from manifold_optax.sharding import run_replicated
 from manifold_optax.transforms._leaves import (
@@ -149,12 +150,14 @@ def project_params(params, manifold_spec, *, weight_dimension_numbers=None):
     """
     dims = view_specs(weight_dimension_numbers, params)
     manifolds = resolve_manifolds(manifold_spec, params, dims)
-    leaves, treedef = jax.tree.flatten(params)
+    flat, treedef = jax.tree_util.tree_flatten_with_path(params)
+    paths, leaves = [p for p, _ in flat], [x for _, x in flat]
     out = []
     for i, (x, m) in enumerate(zip(leaves, manifolds, strict=True)):
         if m is None:
             out.append(x)
             continue
         W, unview = leaf_view(working(x), None if dims is None else dims[i])
+        m.check_point(W, path_to_str(paths[i]))
         out.append(unview(m.project(W)).astype(jnp.result_type(x)))
     return jax.tree.unflatten(treedef, out)
