@@ -358,7 +358,7 @@ class Manifold:
         Phi, Y = self.solve_multiplier(Gn, W, Y, aux, solver, config)
         theta = self.theta(W, aux)
         if solver == "exact" or certify:
-            Phi, Y, info = self._certified(Gn, W, Phi, Y, theta, solver, config)
+            Phi, Y, info = certified.certified_solve(self, Gn, W, Phi, Y, theta, solver, config)
         else:
             if solver == "fixed_point":
                 flat = merge_batch(W, Phi, theta)
@@ -369,34 +369,6 @@ class Manifold:
             info = certified.SolveInfo(nan == 0, nan, jnp.zeros(W.shape[:-2], jnp.int32))
         Phi = jnp.where((fro(G) > 0)[..., None, None], Phi, 0.0)
         return Solution(unflat(Phi.astype(out_dtype)), Y, aux, info)
-
-    def _certified(self, Gn, W, Phi, Y, theta, solver, config):
-        """Per matrix: the feasible ``Φ``, the certified gap, and for ``"exact"`` the smoothed
-        Newton solve where the gap is above the tolerance."""
-        tol = certified.gap_tolerance(config, W.dtype)
-        per_y = int(math.prod(Y.shape[W.ndim - 2 :]))
-        newton = solver == "exact" and per_y <= config.smoothing_max_size
-
-        def one(Gn, W, Phi, Y, theta):
-            Pf, L, U = certified.certify(self, Gn, W, Phi, Y, theta)
-            k = jnp.asarray(0, jnp.int32)
-            if newton:
-
-                def refine(_):
-                    start = (Pf, L, Y, U)
-                    *best, kn = certified.smoothed_newton(self, Gn, W, start, theta, config, tol)
-                    return (*best, jnp.asarray(kn, jnp.int32))
-
-                Pf, L, Y, U, k = jax.lax.cond(
-                    certified.relative_gap(L, U) > tol, refine, lambda _: (Pf, L, Y, U, k), None
-                )
-            gap = certified.relative_gap(L, U)
-            return Pf, Y, certified.SolveInfo(gap <= tol, gap, k)
-
-        flat = merge_batch(Gn, W, Phi, Y, theta)
-        out = jax.lax.map(lambda a: one(*a), flat)
-        batch = W.shape[:-2]
-        return jax.tree.map(lambda o: o.reshape(batch + o.shape[1:]), out)
 
     def _as_matrices(self, W, G):
         W = jnp.asarray(W)

@@ -24,14 +24,15 @@ upper bounds seen stop it on the gap.
 
 from __future__ import annotations
 
+import math
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-from manifold_optax.manifolds._ops import hp_matmul, inner, transpose
+from manifold_optax.manifolds._ops import hp_matmul, inner, merge_batch, transpose
 
-__all__ = ["SolveInfo", "certify", "smoothed_newton", "gap_tolerance"]
+__all__ = ["SolveInfo", "certify", "certified_solve", "smoothed_newton", "gap_tolerance"]
 
 
 class SolveInfo(NamedTuple):
@@ -199,3 +200,32 @@ def smoothed_newton(manifold, Gn, W, start, theta, config, tol: float):
     c = (Y0, jnp.asarray(mu0, dtype), tuple(start), 0, 0, 0)
     _, _, (Pf, L, Y, U), k, _, _ = jax.lax.while_loop(go_on, stage, c)
     return Pf, L, Y, U, k
+
+
+def certified_solve(manifold, Gn, W, Phi, Y, theta, solver: str, config):
+    """Per matrix of ``[*batch, rows, cols]``: the feasible version of ``Φ``, the multiplier
+    and a :class:`SolveInfo` certifying them; for ``solver="exact"`` (and multipliers of at
+    most ``config.smoothing_max_size`` entries) :func:`smoothed_newton` continues where the
+    gap is above :func:`gap_tolerance`."""
+    tol = gap_tolerance(config, W.dtype)
+    per_y = int(math.prod(Y.shape[W.ndim - 2 :]))
+    newton = solver == "exact" and per_y <= config.smoothing_max_size
+
+    def one(Gn, W, Phi, Y, theta):
+        Pf, L, U = certify(manifold, Gn, W, Phi, Y, theta)
+        k = jnp.asarray(0, jnp.int32)
+        if newton:
+
+            def refine(_):
+                *best, kn = smoothed_newton(manifold, Gn, W, (Pf, L, Y, U), theta, config, tol)
+                return (*best, jnp.asarray(kn, jnp.int32))
+
+            Pf, L, Y, U, k = jax.lax.cond(
+                relative_gap(L, U) > tol, refine, lambda _: (Pf, L, Y, U, k), None
+            )
+        gap = relative_gap(L, U)
+        return Pf, Y, SolveInfo(gap <= tol, gap, k)
+
+    out = jax.lax.map(lambda a: one(*a), merge_batch(Gn, W, Phi, Y, theta))
+    batch = W.shape[:-2]
+    return jax.tree.map(lambda o: o.reshape(batch + o.shape[1:]), out)

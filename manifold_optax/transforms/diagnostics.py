@@ -10,7 +10,7 @@ import jax.numpy as jnp
 
 from manifold_optax.labels import path_to_str
 from manifold_optax.manifolds import SolverConfig, certified
-from manifold_optax.manifolds._ops import fro, merge_batch, working
+from manifold_optax.manifolds._ops import fro, working
 from manifold_optax.transforms._leaves import (
     LeafState,
     leaf_view,
@@ -38,20 +38,18 @@ def _leaf_states(opt_state, n: int):
 
 
 def _certificate(m, G, W, phi):
-    sol = m.solve(G, W, "exact")
+    cfg = SolverConfig()
+    sol = m.solve(G, W, "exact", config=cfg)
     gap = sol.info.duality_gap
     if phi is not None:
         # The direction's feasible value against the exact solve's dual value (both in
         # normalized-gradient units).
         Gn = G / jnp.maximum(fro(G) / math.sqrt(min(G.shape[-2:])), 1e-30)[..., None, None]
         theta = m.theta(W, sol.aux)
-        Wf, Gf, Pf, Yf, tf = merge_batch(W, Gn, phi, sol.multiplier, theta)
-        L, U = jax.lax.map(
-            lambda a: certified.certify(m, a[1], a[0], a[2], a[3], a[4])[1:], (Wf, Gf, Pf, Yf, tf)
-        )
-        gap = certified.relative_gap(L, U)
+        info = certified.certified_solve(m, Gn, W, phi, sol.multiplier, theta, "given", cfg)[2]
+        gap = info.duality_gap
     gap = jnp.max(gap)
-    tol = certified.gap_tolerance(SolverConfig(), W.dtype)
+    tol = certified.gap_tolerance(cfg, W.dtype)
     return {"duality_gap": gap, "converged": gap <= tol}
 
 
