@@ -27,7 +27,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
-from jax.sharding import Mesh, NamedSharding  # noqa: E402
+from jax.sharding import AxisType, NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
@@ -97,14 +97,52 @@ def single_device_reference(name, steps):
     return params, ref_p
 
 
-def run(name, mesh_kind, strategy, steps=2, time_reps=5):
-    devices = np.array(jax.devices())
+def state_bytes_per_device(state):
+    """Bytes of optimizer state held by one device (device 0's shards)."""
+    dev = jax.devices()[0]
+    total = 0
+    for x in jax.tree.leaves(state):
+        total += sum(s.data.nbytes for s in x.addressable_shards if s.device == dev)
+    return total
+
+
+def run(name, mesh_kind, strategy, axis_types="auto", placement="given", steps=2, time_reps=5):
+    """One row. ``axis_types``: the mesh's ("auto" or "explicit"). ``placement``: "given"
+    (``jit`` with ``in_shardings``/``out_shardings`` from ``state_shardings``) or "inferred"
+    (``jit(tx.init)`` and the step under ``jax.set_mesh`` with no shardings given)."""
+    kind = AxisType.Explicit if axis_types == "explicit" else AxisType.Auto
     mesh = (
-        Mesh(devices.reshape(8), ("fsdp",))
+        jax.make_mesh((8,), ("fsdp",), axis_types=(kind,))
         if mesh_kind == "fsdp"
-        else Mesh(devices.reshape(2, 4), ("data", "model"))
+        else jax.make_mesh((2, 4), ("data", "model"), axis_types=(kind, kind))
     )
     params, ref_p = single_device_reference(name, steps)
+    try:
+        with jax.set_mesh(mesh):
+            return _run(
+                name,
+                mesh,
+                mesh_kind,
+                strategy,
+                axis_types,
+                placement,
+                params,
+                ref_p,
+                steps,
+                time_reps,
+            )
+    except Exception as e:  # noqa: BLE001 (a row that records what failed)
+        return {
+            "optimizer": name,
+            "mesh": mesh_kind,
+            "axis_types": axis_types,
+            "placement": placement,
+            "strategy": strategy,
+            "error": f"{type(e).__name__}: {str(e)[:200]}",
+        }
+
+
+def _run(name, mesh, mesh_kind, strategy, axis_types, placement, params, ref_p, steps, time_reps):
     # Sharded.
     strat = S.MsignSharding(mesh, strategy)
     tx, _ = optimizer(name, strat)
@@ -113,7 +151,11 @@ def run(name, mesh_kind, strategy, steps=2, time_reps=5):
     state_shape = jax.eval_shape(tx.init, params)
     s_sh = S.state_shardings(state_shape, mesh, params, p_sh)
     p = jax.device_put(params, p_sh)
-    state = jax.jit(tx.init, out_shardings=s_sh)(p)
+    if placement == "given":
+        state = jax.jit(tx.init, out_shardings=s_sh)(p)
+    else:
+        state = jax.jit(tx.init)(p)
+    init_state_bytes = state_bytes_per_device(state)
 
     def step(p, s, g):
         u, s = tx.update(g, s, p)
@@ -121,13 +163,13 @@ def run(name, mesh_kind, strategy, steps=2, time_reps=5):
 
     # One compiled program, donating as the examples do: its HLO gives the collective bytes,
     # and it takes the steps (compiling the 8-device step is most of this script's time).
+    shardings = (
+        dict(in_shardings=(p_sh, s_sh, p_sh), out_shardings=(p_sh, s_sh))
+        if placement == "given"
+        else {}
+    )
     jstep = (
-        jax.jit(
-            step,
-            in_shardings=(p_sh, s_sh, p_sh),
-            out_shardings=(p_sh, s_sh),
-            donate_argnums=(0, 1),
-        )
+        jax.jit(step, donate_argnums=(0, 1), **shardings)
         .lower(p, state, jax.device_put(grads_for(params, 0), p_sh))
         .compile()
     )
@@ -158,7 +200,13 @@ def run(name, mesh_kind, strategy, steps=2, time_reps=5):
     return {
         "optimizer": name,
         "mesh": mesh_kind,
+        "axis_types": axis_types,
+        "placement": placement,
         "strategy": strategy,
+        "state_bytes_per_device": {
+            "init": init_state_bytes,
+            "after_steps": state_bytes_per_device(state),
+        },
         "max_rel_diff": max(rel.values()),
         "output_shardings_match": shard_ok,
         "replicated_big_state": replicated_big,
@@ -173,19 +221,60 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--json", default=None)
     ap.add_argument("--quick", action="store_true", help="gather strategy only, small matrices")
+    ap.add_argument(
+        "--placement",
+        action="store_true",
+        help="rows for every axis type (auto, explicit) and placement (given, inferred), "
+        "gather strategy",
+    )
     a = ap.parse_args()
     assert len(jax.devices()) == 8, jax.devices()
     global SHAPES
     if a.quick:
         SHAPES = QUICK_SHAPES
     rows = []
-    strategies = ("gather",) if a.quick else ("gather", "owner", "none")
+    strategies = ("gather",) if a.quick or a.placement else ("gather", "owner", "none")
+    kinds = (
+        [(t, pl) for t in ("auto", "explicit") for pl in ("given", "inferred")]
+        if a.placement
+        else [("auto", "given")]
+    )
     for name in ("muon", "sphere", "spectral_sphere", "stiefel"):
         for mesh_kind in ("fsdp", "2d"):
             for strategy in strategies:
                 if strategy != "gather" and mesh_kind == "2d":
                     continue
-                rows.append(run(name, mesh_kind, strategy, time_reps=1 if a.quick else 5))
+                for types, placement in kinds:
+                    rows.append(
+                        run(
+                            name,
+                            mesh_kind,
+                            strategy,
+                            types,
+                            placement,
+                            time_reps=1 if a.quick or a.placement else 5,
+                        )
+                    )
+    if a.placement:
+        print(
+            "| optimizer | mesh | axis types | shardings | state bytes / device | "
+            "collective bytes / step | max rel diff | outputs placed |"
+        )
+        print("|---|---|---|---|---|---|---|---|")
+        for r in rows:
+            head = f"| {r['optimizer']} | {r['mesh']} | {r['axis_types']} | {r['placement']} |"
+            if "error" in r:
+                print(head + f" {r['error'][:60]} | | | |")
+                continue
+            print(
+                head + f" {r['state_bytes_per_device']['after_steps']} | "
+                f"{r['collective_bytes']['total']:.0f} | {r['max_rel_diff']:.1e} | "
+                f"{r['output_shardings_match'] and not r['replicated_big_state']} |"
+            )
+        if a.json:
+            with open(a.json, "w") as f:
+                json.dump({"machine": machine(), "rows": rows}, f, indent=1)
+        return
     print(
         "| optimizer | mesh | strategy | max rel diff | shardings ok | bytes moved / matrix bytes |"
         " collective results / matrix bytes | step ms |"

@@ -10,6 +10,7 @@ import optax
 
 from manifold_optax import norms as _norms
 from manifold_optax._checks import checked
+from manifold_optax._placement import placed
 from manifold_optax.labels import FALLBACK, MATRIX, label_params, path_to_str
 from manifold_optax.transforms import (
     DEFAULT_INIT_TOLERANCE,
@@ -177,7 +178,8 @@ def muon(
         nesterov=nesterov if adam_nesterov is None else adam_nesterov,
     )
     labels = param_labels_fn(weight_dimension_numbers, fallback_patterns)
-    return checked(optax.partition({MATRIX: matrix_tx, FALLBACK: fallback_tx}, labels), "muon")
+    tx = optax.partition({MATRIX: matrix_tx, FALLBACK: fallback_tx}, labels)
+    return placed(checked(tx, "muon"), sharding)
 
 
 def trust_region(
@@ -238,7 +240,7 @@ def trust_region(
             raise ValueError(f"radius must be positive, got {radius}")
         parts.append(optax.add_decayed_weights(1.0 / radius))
     parts.append(optax.scale_by_learning_rate(learning_rate))
-    return checked(optax.chain(*parts), "trust_region")
+    return placed(checked(optax.chain(*parts), "trust_region"), dualize_kwargs.get("sharding"))
 
 
 MANIFOLD = "manifold"
@@ -397,4 +399,4 @@ def manifold_muon(
             sharding=sharding,
         )
     tx = optax.partition({MANIFOLD: manifold_tx, FALLBACK: fallback_tx}, labels)
-    return checked(tx, "manifold_muon")
+    return placed(checked(tx, "manifold_muon"), sharding)

@@ -30,6 +30,8 @@ import jax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from manifold_optax._placement import auto_mesh, state_specs
+
 __all__ = [
     "MsignSharding",
     "STRATEGIES",
@@ -65,7 +67,7 @@ class MsignSharding:
     def replicated(self, x):
         if self.strategy == "none":
             return x
-        return jax.lax.with_sharding_constraint(x, NamedSharding(self.mesh, P()))
+        return jax.lax.with_sharding_constraint(x, NamedSharding(auto_mesh(self.mesh), P()))
 
     def run_replicated(self, f, *args):
         """Run ``f`` on whole (gathered) arrays on every device: a ``shard_map`` whose inputs and
@@ -76,14 +78,18 @@ class MsignSharding:
         spec = lambda tree: jax.tree.map(lambda _: P(), tree)
         out_shape = jax.eval_shape(f, *args)
         g = jax.shard_map(
-            f, mesh=self.mesh, in_specs=spec(args), out_specs=spec(out_shape), check_vma=False
+            f,
+            mesh=auto_mesh(self.mesh),
+            in_specs=spec(args),
+            out_specs=spec(out_shape),
+            check_vma=False,
         )
         return g(*args)
 
     def split_stack(self, x):
         """Constrain a ``[B, m, n]`` stack to be split over devices along B (owner compute)."""
         spec = P(self.owner_axes if len(self.owner_axes) > 1 else self.owner_axes[0])
-        return jax.lax.with_sharding_constraint(x, NamedSharding(self.mesh, spec))
+        return jax.lax.with_sharding_constraint(x, NamedSharding(auto_mesh(self.mesh), spec))
 
 
 def replicate(x, sharding: MsignSharding | None):
@@ -98,34 +104,20 @@ def run_replicated(f, sharding: MsignSharding | None, *args):
 def state_shardings(tree, mesh: Mesh, params, param_shardings, *, axes=None, min_size: int = 4096):
     """Shardings for an optimizer state (or any tree) given the parameters and their shardings.
 
-    A leaf shaped like a parameter gets that parameter's sharding (momenta); any other leaf
-    with ``min_size`` or more elements (a Stiefel multiplier ``m×m``, a spectral-sphere block)
-    is split along its largest axis that the mesh ``axes`` divide; small leaves are replicated.
-    ``tree`` may hold arrays or ``jax.ShapeDtypeStruct`` (e.g. from ``jax.eval_shape``).
+    A leaf whose path ends with a parameter's path and has its shape (a momentum) gets that
+    parameter's sharding, else one of a parameter's shape gets the first such parameter's;
+    any other leaf with ``min_size`` or more elements (a Stiefel multiplier ``m×m``, a
+    spectral-sphere block) is split along its largest axis that the mesh ``axes`` divide;
+    small leaves are replicated. It is the rule the optimizers follow themselves on meshes
+    with Explicit axes and, given a strategy or a current mesh, with Auto axes; use it for
+    ``jit``'s ``in_shardings`` / ``out_shardings``. ``tree`` may hold arrays or
+    ``jax.ShapeDtypeStruct`` (e.g. from ``jax.eval_shape``).
     """
-    axes = tuple(axes) if axes is not None else tuple(mesh.axis_names)
-    n = math.prod(mesh.shape[a] for a in axes)
-    by_shape = {}
-    for x, sh in zip(
-        jax.tree.leaves(params),
-        jax.tree.leaves(param_shardings, is_leaf=lambda x: isinstance(x, NamedSharding)),
-        strict=True,
-    ):
-        by_shape.setdefault(tuple(x.shape), sh)
-
-    def pick(x):
-        shape = tuple(x.shape)
-        if shape in by_shape:
-            return by_shape[shape]
-        if math.prod(shape) >= min_size:
-            for ax in sorted(range(len(shape)), key=lambda i: -shape[i]):
-                if shape[ax] % n == 0:
-                    spec = [None] * len(shape)
-                    spec[ax] = axes if len(axes) > 1 else axes[0]
-                    return NamedSharding(mesh, P(*spec))
-        return NamedSharding(mesh, P())
-
-    return jax.tree.map(pick, tree)
+    sh_flat = jax.tree.leaves(param_shardings, is_leaf=lambda x: isinstance(x, NamedSharding))
+    if len(sh_flat) != len(jax.tree.leaves(params)):
+        raise ValueError("param_shardings must have one sharding per parameter leaf")
+    specs = state_specs(tree, params, [s.spec for s in sh_flat], dict(mesh.shape), axes, min_size)
+    return jax.tree.map(lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda x: isinstance(x, P))
 
 
 _DTYPE_BYTES = {

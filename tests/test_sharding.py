@@ -35,6 +35,73 @@ def sharded_rows(tmp_path_factory):
     return json.loads(out.read_text())["rows"]
 
 
+def _checks(tmp_path_factory, which):
+    out = tmp_path_factory.mktemp("placement") / "rows.json"
+    env = dict(os.environ)
+    subprocess.run(
+        [sys.executable, str(ROOT / "tests" / "sharded_checks.py"), which, str(out)],
+        check=True,
+        env=env,
+        cwd=ROOT,
+        timeout=1800,
+    )
+    return json.loads(out.read_text())
+
+
+@pytest.fixture(scope="module")
+def fast_checks(tmp_path_factory):
+    return _checks(tmp_path_factory, "fast")
+
+
+@pytest.fixture(scope="module")
+def full_checks(tmp_path_factory):
+    return _checks(tmp_path_factory, "full")
+
+
+def _assert_placed(rows):
+    for r in rows:
+        # float32; the sharded program reorders a few reductions (sums over 64–128 terms).
+        assert r["max_rel_diff"] <= 1e-5, r
+        assert r["params_keep_shardings"], r
+        assert r["updates_keep_shardings"], r
+        assert r["state_types_stable"], r
+        assert not r["replicated_big_state"], r
+
+
+def test_meshes_follow_the_parameters(fast_checks):
+    """Explicit axes (jax.make_mesh's default), with and without jax.set_mesh, and Auto axes
+    with a strategy: two steps equal one device's; updates, parameters and state keep their
+    shardings with no out_shardings (the full grid is under -m slow)."""
+    assert {r["mesh"] for r in fast_checks["rows"]} == {"explicit", "explicit+set_mesh", "auto"}
+    _assert_placed(fast_checks["rows"])
+
+
+def test_readme_and_guide_examples_run(fast_checks):
+    readme, nnx_example = fast_checks["examples"]
+    assert readme["readme"] == "ran"
+    assert nnx_example["max_rel_diff"] <= 1e-5, nnx_example
+    assert not nnx_example["replicated_big_state"], nnx_example
+    # The kernels stay split over fsdp; their momenta follow them; the large multiplier
+    # (64×64) is split over both axes.
+    assert all(v == "P('fsdp',)" for k, v in nnx_example["param_specs"].items() if "kernel" in k), (
+        nnx_example
+    )
+    moms = {k: v for k, v in nnx_example["state_specs"].items() if "kernel" in k}
+    assert moms and all(v == "P('fsdp',)" for v in moms.values()), moms
+    assert any(v == "P(('data', 'fsdp'),)" for v in nnx_example["state_specs"].values())
+
+
+@pytest.mark.slow
+def test_every_optimizer_mesh_kind_and_solver(full_checks):
+    rows = full_checks["rows"]
+    kinds = {(r["optimizer"], r["mesh"], r["strategy"]) for r in rows}
+    for name in ("muon", "sphere", "spectral_sphere", "stiefel", "oblique"):
+        for mesh in ("explicit", "explicit+set_mesh", "auto"):
+            for strat in ("none", "gather"):
+                assert (name, mesh, strat) in kinds
+    _assert_placed(rows)
+
+
 @pytest.mark.slow
 def test_sharded_steps_match_single_device(sharded_rows):
     assert {r["optimizer"] for r in sharded_rows} == {

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from manifold_optax._placement import like_params
 from manifold_optax.labels import path_to_str
 from manifold_optax.manifolds._ops import working
 from manifold_optax.sharding import run_replicated
@@ -148,6 +149,12 @@ def project_params(params, manifold_spec, *, weight_dimension_numbers=None):
       >>> float(jnp.linalg.norm(p["w"])), p["b"].tolist()
       (1.0, [1.0, 1.0])
     """
+    return like_params(
+        lambda p: _project_params(p, manifold_spec, weight_dimension_numbers), params
+    )
+
+
+def _project_params(params, manifold_spec, weight_dimension_numbers):
     dims = view_specs(weight_dimension_numbers, params)
     manifolds = resolve_manifolds(manifold_spec, params, dims)
     flat, treedef = jax.tree_util.tree_flatten_with_path(params)

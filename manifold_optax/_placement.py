@@ -1,0 +1,211 @@
+"""Updates and optimizer state placed like the parameters, on every kind of mesh.
+
+The public optimizers' ``init`` and ``update`` run through :func:`placed`:
+
+* **Explicit axes** (``jax.make_mesh``'s default: an array's type names its sharding). The
+  step runs with the mesh's axes made Auto (``jax.sharding.auto_axes``), so the products over
+  sharded contracting dimensions follow the ``MsignSharding`` strategy (or GSPMD, without
+  one), and its outputs come back typed: each update with its parameter's sharding, each
+  state leaf with :func:`state_specs`'s.
+* **Auto axes** (a tracer carries no sharding). Updates and parameter-shaped state are tied
+  to their parameters (``shard_alike``); other large state is constrained by the same rule
+  when a mesh is known (the strategy's, or the one ``jax.set_mesh`` made current). With
+  neither, :func:`~manifold_optax.state_shardings` gives ``jit`` the state's shardings.
+
+The rule (:func:`state_specs`): a state leaf whose path ends with a parameter's path and has
+its shape (a momentum) gets that parameter's sharding, else one of a parameter's shape (first
+such parameter); any other leaf of ``min_size`` or more elements (a Stiefel multiplier, a
+spectral sphere's block) is split along its largest axis that the mesh divides; the rest is
+replicated.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import jax
+import optax
+from jax.experimental.shard_alike import shard_alike
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+__all__ = ["placed", "like_params", "state_specs", "split_spec", "explicit_mesh", "auto_mesh"]
+
+MIN_SIZE = 4096
+
+
+def _mesh_of(x):
+    sh = getattr(jax.typeof(x), "sharding", None)
+    mesh = getattr(sh, "mesh", None)
+    return mesh if mesh is not None and not mesh.empty else None
+
+
+def explicit_mesh(tree):
+    """The mesh of the first leaf whose type names Explicit mesh axes (a concrete ``Mesh``
+    for arrays, an ``AbstractMesh`` for tracers), or ``None``."""
+    for x in jax.tree.leaves(tree):
+        if not hasattr(x, "shape"):
+            continue
+        mesh = _mesh_of(x)
+        if mesh is not None and mesh.explicit_axes:
+            if not isinstance(x, jax.core.Tracer) and isinstance(x.sharding, NamedSharding):
+                return x.sharding.mesh
+            return mesh
+    return None
+
+
+def auto_mesh(mesh):
+    """``mesh`` with the axis types of the current context mesh when that mesh has the same
+    axes (an Explicit mesh used inside an Auto region), else ``mesh``."""
+    ctx = jax.sharding.get_abstract_mesh()
+    if (
+        ctx.empty
+        or tuple(ctx.axis_names) != tuple(mesh.axis_names)
+        or tuple(ctx.axis_types) == tuple(mesh.axis_types)
+    ):
+        return mesh
+    return Mesh(mesh.devices, mesh.axis_names, axis_types=tuple(ctx.axis_types))
+
+
+def split_spec(shape, axis_sizes: dict, axes=None, min_size: int = MIN_SIZE) -> P:
+    """``P`` splitting ``shape`` along its largest axis that the product of ``axes`` (all of
+    ``axis_sizes``' by default) divides, when it has ``min_size`` elements or more; else
+    ``P()``."""
+    axes = tuple(axes) if axes is not None else tuple(axis_sizes)
+    n = math.prod(axis_sizes[a] for a in axes)
+    if n > 1 and math.prod(shape) >= min_size:
+        for ax in sorted(range(len(shape)), key=lambda i: -shape[i]):
+            if shape[ax] % n == 0:
+                spec = [None] * len(shape)
+                spec[ax] = axes if len(axes) > 1 else axes[0]
+                return P(*spec)
+    return P()
+
+
+def param_of(state, params) -> list:
+    """For each leaf of ``state``, the index of the parameter leaf it follows (a leaf whose
+    path ends with the parameter's path and has its shape; else the first parameter of its
+    shape), or ``None``."""
+    flat_p = jax.tree_util.tree_flatten_with_path(params)[0]
+    by_path = {tuple(path): (i, tuple(x.shape)) for i, (path, x) in enumerate(flat_p)}
+    lengths = sorted({len(p) for p in by_path}, reverse=True)
+    by_shape = {}
+    for i, (_, x) in enumerate(flat_p):
+        by_shape.setdefault(tuple(x.shape), i)
+    out = []
+    for path, x in jax.tree_util.tree_flatten_with_path(state)[0]:
+        shape = tuple(getattr(x, "shape", ()))
+        hit = None
+        for k in lengths:
+            got = by_path.get(tuple(path[-k:])) if 0 < k <= len(path) else None
+            if got is not None and got[1] == shape:
+                hit = got[0]
+                break
+        if hit is None and shape:
+            hit = by_shape.get(shape)
+        out.append(hit)
+    return out
+
+
+def state_specs(state, params, param_specs, axis_sizes, axes=None, min_size=MIN_SIZE):
+    """The rule above, as a tree of ``PartitionSpec`` shaped like ``state`` (its leaves may be
+    arrays or ``jax.ShapeDtypeStruct``); ``param_specs`` lists the parameters' specs in leaf
+    order."""
+    flat, treedef = jax.tree.flatten(state)
+    owners = param_of(state, params)
+    out = [
+        param_specs[i] if i is not None else split_spec(tuple(x.shape), axis_sizes, axes, min_size)
+        for x, i in zip(flat, owners, strict=True)
+    ]
+    return jax.tree.unflatten(treedef, out)
+
+
+def _spec(x):
+    return jax.typeof(x).sharding.spec
+
+
+@contextlib.contextmanager
+def _on(mesh):
+    """Make ``mesh`` (the arrays' own) current, unless a mesh already is."""
+    if not jax.sharding.get_abstract_mesh().empty:
+        yield
+    elif isinstance(mesh, Mesh):
+        with jax.sharding.set_mesh(mesh):
+            yield
+    else:
+        with jax.sharding.use_abstract_mesh(mesh):
+            yield
+
+
+def _known_mesh(strategy):
+    if strategy is not None:
+        return auto_mesh(strategy.mesh)
+    ctx = jax.sharding.get_abstract_mesh()
+    return None if ctx.empty or ctx.explicit_axes else ctx
+
+
+def _tie(tree, params, strategy, axes):
+    """Auto axes: ``tree``'s leaves tied to their parameters' shardings (``shard_alike``) and
+    the others constrained by the rule when a mesh is known (so that ``update`` returns the
+    state with the shardings ``init`` gave it)."""
+    if params is None or jax.device_count() == 1:
+        return tree
+    p_flat = jax.tree.leaves(params)
+    mesh = _known_mesh(strategy)
+    flat, treedef = jax.tree.flatten(tree)
+    out = []
+    for x, i in zip(flat, param_of(tree, params), strict=True):
+        if i is not None and hasattr(x, "shape") and x.shape == p_flat[i].shape:
+            x = shard_alike(x, p_flat[i])[0]
+        elif mesh is not None and hasattr(x, "shape"):
+            spec = split_spec(tuple(x.shape), dict(mesh.shape), axes)
+            x = jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+        out.append(x)
+    return jax.tree.unflatten(treedef, out)
+
+
+def like_params(f, params):
+    """``f(params)`` (a tree shaped like ``params``), computed on Auto axes and typed like
+    ``params`` when their types name Explicit mesh axes."""
+    mesh = explicit_mesh(params)
+    if mesh is None:
+        return f(params)
+    specs = jax.tree.map(_spec, params)
+    with _on(mesh):
+        return jax.sharding.auto_axes(f, out_sharding=specs)(params)
+
+
+def placed(tx, strategy=None) -> optax.GradientTransformationExtraArgs:
+    """``tx`` whose updates and state are placed like the parameters (module docstring), on
+    meshes with Explicit or Auto axes; ``strategy`` is the optimizer's ``MsignSharding``."""
+    tx = optax.with_extra_args_support(tx)
+    axes = None if strategy is None else strategy.owner_axes
+
+    def init_fn(params):
+        mesh = explicit_mesh(params)
+        if mesh is None:
+            return _tie(tx.init(params), params, strategy, axes)
+        bare = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
+        shapes = jax.eval_shape(tx.init, bare)
+        pspecs = [_spec(x) for x in jax.tree.leaves(params)]
+        specs = state_specs(shapes, params, pspecs, dict(mesh.shape), axes)
+        with _on(mesh):
+            return jax.sharding.auto_axes(tx.init, out_sharding=specs)(params)
+
+    def update_fn(updates, state, params=None, **extra):
+        mesh = explicit_mesh((updates, params))
+        if mesh is None:
+            new, state = tx.update(updates, state, params, **extra)
+            return _tie(new, params, strategy, axes), _tie(state, params, strategy, axes)
+        like = params if params is not None else updates
+        pspecs = [_spec(x) for x in jax.tree.leaves(like)]
+        out = (
+            jax.tree.unflatten(jax.tree.structure(updates), pspecs),
+            state_specs(state, like, pspecs, dict(mesh.shape), axes),
+        )
+        step = lambda u, s, p: tx.update(u, s, p, **extra)  # noqa: E731
+        with _on(mesh):
+            return jax.sharding.auto_axes(step, out_sharding=out)(updates, state, params)
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
