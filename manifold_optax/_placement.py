@@ -157,7 +157,12 @@ def _tie(tree, params, strategy, axes):
     out = []
     for x, i in zip(flat, param_of(tree, params), strict=True):
         if i is not None and hasattr(x, "shape") and x.shape == p_flat[i].shape:
-            x = shard_alike(x, p_flat[i])[0]
+            p = p_flat[i]
+            if not isinstance(p, jax.core.Tracer) and isinstance(p.sharding, NamedSharding):
+                # A concrete parameter (eager init) names its sharding: no guess to make.
+                x = jax.lax.with_sharding_constraint(x, p.sharding)
+            else:
+                x = shard_alike(x, p)[0]
         elif mesh is not None and hasattr(x, "shape"):
             spec = split_spec(tuple(x.shape), dict(mesh.shape), axes)
             x = jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))

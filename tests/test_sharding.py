@@ -61,7 +61,9 @@ def full_checks(tmp_path_factory):
 def _assert_placed(rows):
     for r in rows:
         # float32; the sharded program reorders a few reductions (sums over 64–128 terms).
-        assert r["max_rel_diff"] <= 1e-5, r
+        # The exact solver stops at a relative duality gap of 256·ε: where the optimum is not
+        # unique (square oblique duals are degenerate) two runs may land √gap ≈ 6e-3 apart.
+        assert r["max_rel_diff"] <= (6e-3 if r["solver"] == "exact" else 1e-5), r
         assert r["params_keep_shardings"], r
         assert r["updates_keep_shardings"], r
         assert r["state_types_stable"], r
