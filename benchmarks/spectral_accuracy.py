@@ -17,12 +17,15 @@ steps of the given counts, for comparison) it
   the Chebyshev degrees only (``k`` power steps are the same products as degree ``k``).
 
 Run: ``python benchmarks/spectral_accuracy.py [--degrees 2,3,4,6,8] [--power 6,10]
-[--reps 15] [--block 32]``; writes ``benchmarks/results/spectral_accuracy.json``.
+[--reps 15] [--block 32] [--path gpu] [--no-timing] [--json OUT]``; writes
+``benchmarks/results/spectral_accuracy.json`` (or ``OUT``). ``--path gpu`` trains on the
+accelerator path (``mo.lowering_for("gpu")``) on any machine.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import pathlib
@@ -105,15 +108,30 @@ def main():
     ap.add_argument("--power", default="6,10", help="power-step counts ('' for none)")
     ap.add_argument("--reps", type=int, default=15)
     ap.add_argument("--block", type=int, default=32, help="the SpectralSphere's block size")
+    ap.add_argument(
+        "--path",
+        choices=("cpu", "gpu"),
+        default=None,
+        help="trace the training steps for this platform's path (mo.lowering_for); default: "
+        "this machine's",
+    )
+    ap.add_argument("--no-timing", action="store_true", help="accuracy only")
+    ap.add_argument("--json", default=None, help="output file")
     a = ap.parse_args()
+    path = mo.lowering_for(a.path) if a.path else contextlib.nullcontext()
     filters = [("chebyshev", int(k)) for k in a.degrees.split(",") if k]
     filters += [("power", int(k)) for k in a.power.split(",") if k]
     rows = []
     for kind, degree in filters:
         row = {"filter": kind, "degree": degree, "block": a.block}
-        rows.append(row | train_demo(kind, degree, a.block))
+        with path:
+            rows.append(row | train_demo(kind, degree, a.block) | {"path": a.path or "default"})
         print(f"trained {kind} {degree}: worst {rows[-1]['worst_violation']:.2e}", flush=True)
-    ratios = step_ratios([f for f in filters if f[0] == "chebyshev"], a.reps, a.block)
+    ratios = (
+        {}
+        if a.no_timing
+        else step_ratios([f for f in filters if f[0] == "chebyshev"], a.reps, a.block)
+    )
     for r in rows:
         per_round = ratios.get((r["filter"], r["degree"]))
         if per_round is None:
@@ -137,7 +155,9 @@ def main():
             f"| {r['filter']} | {r['degree']} | {r['worst_violation']:.1e} | "
             f"{r['median_violation']:.1e} | {100 * r['test_accuracy']:.1f}% | {time} |"
         )
-    out = pathlib.Path(__file__).parent / "results" / "spectral_accuracy.json"
+    out = pathlib.Path(
+        a.json or pathlib.Path(__file__).parent / "results" / "spectral_accuracy.json"
+    )
     out.write_text(json.dumps({"machine": machine(), "rows": rows}, indent=1))
     print(f"\nwrote {out}")
 

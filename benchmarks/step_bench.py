@@ -1,7 +1,7 @@
 """Optimizer step time on a transformer-like tree, against optax.contrib.muon and the roofline.
 
 Reference tree: 4 blocks with d = 256: q, k, v, o (d×d), up (d×4d), down (4d×d) and a
-vector scale (d) per block, float32 (``--wide`` doubles d). Each optimizer's update is jitted
+vector scale (d) per block, float32 (``--d`` sets d; ``--wide`` is ``--d 512``). Each optimizer's update is jitted
 (not donated here: the same step is timed again and again on the same inputs; the examples
 donate) and timed in one process with interleaved repetitions; times are medians, ratios the
 median over rounds of the ratio within a round (each round runs every candidate back to back,
@@ -18,8 +18,9 @@ The "GFLOP" and "FLOPs × muon" columns count the matmul FLOPs of each step from
 their cheapest branch). Their ratio is the time ratio the step would have if every product ran
 at the same rate: the floor under the measured ratio, which only fewer FLOPs can lower.
 
-Run: ``python benchmarks/step_bench.py [--wide] [--reps N]``; writes
-``benchmarks/results/step.json`` (``step_wide.json``).
+Run: ``python benchmarks/step_bench.py [--d D | --wide] [--reps N] [--only NAMES] [--json OUT]``;
+writes ``benchmarks/results/step.json`` (d = 256), ``step_wide.json`` (512) or
+``step_d{D}.json``, or ``OUT``.
 """
 
 from __future__ import annotations
@@ -108,11 +109,13 @@ def optimizers(lr=0.02):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--wide", action="store_true")
+    ap.add_argument("--wide", action="store_true", help="d = 512")
+    ap.add_argument("--d", type=int, default=None, help="model width (default 256)")
+    ap.add_argument("--json", default=None, help="output file (default: by d, see above)")
     ap.add_argument("--reps", type=int, default=9)
     ap.add_argument("--only", default=None, help="comma-separated subset of optimizer names")
     a = ap.parse_args()
-    d = 512 if a.wide else 256
+    d = a.d if a.d is not None else 512 if a.wide else 256
     tree = reference_tree(d)
     txs = optimizers()
     if a.only:
@@ -212,7 +215,8 @@ def main():
             f"{f(r['vs_muon_jordan'])} | "
             f"{r['gflop']:.2f} | {f(r['flops_vs_muon_default'])} | {r['traces']} |"
         )
-    out = pathlib.Path(__file__).parent / "results" / ("step_wide.json" if a.wide else "step.json")
+    default = {256: "step.json", 512: "step_wide.json"}.get(d, f"step_d{d}.json")
+    out = pathlib.Path(a.json) if a.json else pathlib.Path(__file__).parent / "results" / default
     out.write_text(
         json.dumps(
             {

@@ -1,6 +1,7 @@
 """manifold_optax: steepest descent under the spectral norm and on matrix manifolds, for optax."""
 
 from manifold_optax import manifolds
+from manifold_optax._platform import lowering_for
 from manifold_optax.alias import manifold_muon, muon, trust_region
 from manifold_optax.flax_specs import flax_dimension_numbers
 from manifold_optax.labels import MatrixSpec, MuonDimensionNumbers, label_params, path_to_str
@@ -74,6 +75,7 @@ __all__ = [
     "MsignSharding",
     "state_shardings",
     "collective_bytes",
+    "lowering_for",
     "MuonDimensionNumbers",
     "MatrixSpec",
     "flax_dimension_numbers",

@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 import jax
 import jax.numpy as jnp
 
+from manifold_optax._platform import on_cpu
 from manifold_optax.labels import MuonDimensionNumbers, path_to_str
 from manifold_optax.linalg import msign
 
@@ -118,7 +119,7 @@ CPU_PER_MATRIX_MIN_SIDE = 128
 
 
 def _stack_on_this_backend(shape) -> bool:
-    return jax.default_backend() != "cpu" or min(shape[-2:]) < CPU_PER_MATRIX_MIN_SIDE
+    return not on_cpu() or min(shape[-2:]) < CPU_PER_MATRIX_MIN_SIDE
 
 
 def grouped_msign(

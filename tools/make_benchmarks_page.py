@@ -173,6 +173,35 @@ def step_section(out_dir) -> list[str]:
     return lines
 
 
+def ops_section(out_dir) -> list[str]:
+    r = load("step_ops.json")
+    if r is None:
+        return []
+    lines = [
+        "**Kernels per step on the accelerator path** (`python benchmarks/step_ops.py`: the",
+        "operations a GPU launches separately, counted from the step's StableHLO lowered",
+        f"for {r['lowered_for']} under `{r['path']}`: dot_general, reduce, custom calls and",
+        "linear-algebra ops, loop bodies times their trip counts; elementwise operations fuse",
+        "and are not counted. The same on any machine.)",
+        "",
+    ]
+    rows = [
+        (
+            x["optimizer"],
+            x["d"],
+            x["ops"],
+            g(x["ratio_to_muon"], ".2f"),
+            x["by_kind"]["dot_general"],
+            x["by_kind"]["reduce"],
+            x["by_kind"]["custom_call"] + x["by_kind"]["linalg"],
+            x["by_kind"]["while_trips"],
+        )
+        for x in r["rows"]
+    ]
+    header = ("optimizer", "d", "ops", "× `mo.muon`", "dot", "reduce", "solver calls", "loop trips")
+    return lines + table(header, rows) + [""]
+
+
 def solver_section(out_dir) -> list[str]:
     r = load("solvers.json")
     if r is None:
@@ -276,7 +305,42 @@ def sharding_section(out_dir) -> list[str]:
         for x in r["rows"]
     ]
     header = ("optimizer", "mesh", "strategy", "bytes / matrix bytes", "max rel. diff")
-    return lines + table(header, rows) + [""]
+    lines += table(header, rows) + [""]
+    p = load("sharded_placement.json")
+    if p is not None:
+        lines += [
+            "**Placement** (`python benchmarks/sharded_step.py --placement --quick --json FILE`,",
+            "gather strategy): Auto and Explicit mesh axes, shardings given to `jit` (from",
+            "`state_shardings`) or inferred (`jit(tx.init)` and the step under `jax.set_mesh`,",
+            "none given); optimizer state bytes held by one device and collective bytes per",
+            "step.",
+            "",
+            machine_line(p),
+            "",
+        ]
+        rows = [
+            (
+                x["optimizer"],
+                x["mesh"],
+                x["axis_types"],
+                x["placement"],
+                x["state_bytes_per_device"]["after_steps"] if "error" not in x else "error",
+                g(x["collective_bytes"]["total"], ".0f") if "error" not in x else "",
+                g(x["max_rel_diff"], ".1e") if "error" not in x else "",
+            )
+            for x in p["rows"]
+        ]
+        header = (
+            "optimizer",
+            "mesh",
+            "axes",
+            "shardings",
+            "state B/device",
+            "coll. B/step",
+            "rel. diff",
+        )
+        lines += table(header, rows) + [""]
+    return lines
 
 
 def lm_section(out_dir) -> list[str]:
@@ -341,6 +405,7 @@ def main(argv=None):
     for section in (
         msign_section,
         step_section,
+        ops_section,
         solver_section,
         spectral_section,
         sharding_section,

@@ -9,6 +9,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from manifold_optax._platform import on_cpu
+
 __all__ = [
     "check_matrix",
     "accum_dtype",
@@ -48,7 +50,7 @@ def matmul_tn(a, b, precision=None, out_dtype=None):
     take the transpose inside the product.
     """
     t = jnp.swapaxes(a, -1, -2)
-    if jax.default_backend() == "cpu":
+    if on_cpu():
         t = jax.lax.optimization_barrier(t)
     return jnp.matmul(t, b, precision=precision, preferred_element_type=out_dtype)
 
@@ -82,7 +84,7 @@ def per_matrix(f, *xs, always: bool = False):
     backends get the batched call.
     """
     batch = xs[0].shape[:-2]
-    if not batch or (not always and jax.default_backend() != "cpu"):
+    if not batch or (not always and not on_cpu()):
         return f(*xs)
     flat = tuple(x.reshape((-1,) + x.shape[len(batch) :]) for x in xs)
     out = jax.lax.map(lambda a: f(*a), flat)
@@ -93,4 +95,4 @@ def unroll_fixed_loops() -> bool:
     """Whether the short fixed-count loops of the warm top-singular-value path are unrolled:
     off CPU, where XLA runs a while loop by reading its predicate back to the host every
     iteration (a stall per iteration). XLA:CPU has no such stall and keeps the loops."""
-    return jax.default_backend() != "cpu"
+    return not on_cpu()

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from manifold_optax._platform import on_cpu
 from manifold_optax.linalg._ops import (
     accum_dtype,
     check_matrix,
@@ -167,8 +168,10 @@ def _ritz_top(V, SV, squarings: int = 24):
     :func:`_top_eigvec_psd`, and the eigenvalue is the exact Rayleigh quotient of
     ``z = Qc = Vw`` (``w = L⁻ᵀc``): ``wᵀ(VᵀSV)w / wᵀBw`` (a lower bound of ``λ₁(S)``,
     quadratically accurate in the angle of ``z``, whatever the orthonormality of ``Q``).
-    Only the ``p×p`` Cholesky is a LAPACK call; the triangular inverse is matmuls
-    (:func:`_lower_inverse`, batched, where a LAPACK triangular solve runs per matrix).
+    On CPU only the ``p×p`` Cholesky is a LAPACK call; the triangular inverse is matmuls
+    (:func:`_lower_inverse`, batched, where a LAPACK triangular solve runs per matrix). On
+    accelerators (``mo.lowering_for``) the Cholesky of both shifts, the triangular inverse
+    and the ``p×p`` eigenvector are one batched solver call each instead of the matmuls.
     Returns ``(λ [*b], z/‖z‖ [*b, s], Q)``;
     ``Q`` is the next warm start (it spans the same subspace as ``V``)."""
     hp = jax.lax.Precision.HIGHEST
@@ -181,16 +184,32 @@ def _ritz_top(V, SV, squarings: int = 24):
     tr = jnp.trace(B, axis1=-2, axis2=-1)[..., None, None]
     scale = jnp.where(tr > 0, tr, 1.0) / p  # the mean squared column norm
 
+    # Shift 3e-6: directions of V above ~2e-3 of the columns' scale keep full weight in Q, as
+    # with a QR. Should the float32 Gram's round-off make that indefinite, shift 1e-3.
     def cholesky(B, scale):
-        # Shift 3e-6: directions of V above ~2e-3 of the columns' scale keep full weight in Q,
-        # as with a QR. Should the float32 Gram's round-off make that indefinite, shift 1e-3.
         L = jnp.linalg.cholesky(B + 3e-6 * scale * eye)
         ok = jnp.all(jnp.isfinite(L), axis=(-2, -1), keepdims=True)
         return jnp.where(ok, L, jnp.linalg.cholesky(B + 1e-3 * scale * eye))
 
-    Li = _lower_inverse(per_matrix(cholesky, B, scale))
+    if on_cpu():
+        Li = _lower_inverse(per_matrix(cholesky, B, scale))
+    else:
+        # Accelerators: both shifts in one batched factorization, and the inverse by one
+        # batched triangular solve (one kernel each, where the CPU path avoids LAPACK's
+        # per-matrix calls).
+        both = jnp.linalg.cholesky(jnp.stack([B + 3e-6 * scale * eye, B + 1e-3 * scale * eye]))
+        ok = jnp.all(jnp.isfinite(both[0]), axis=(-2, -1), keepdims=True)
+        L = jnp.where(ok, both[0], both[1])
+        Li = jax.lax.linalg.triangular_solve(
+            L, jnp.broadcast_to(eye, L.shape), left_side=True, lower=True
+        )
     Hq = mm(mm(Li, H), t(Li))
-    c = _top_eigvec_psd(0.5 * (Hq + t(Hq)), squarings)
+    Hs = 0.5 * (Hq + t(Hq))
+    if on_cpu():
+        c = _top_eigvec_psd(Hs, squarings)
+    else:
+        # Accelerators: one batched p×p eigensolver call instead of the squarings' matmuls.
+        c = jnp.linalg.eigh(Hs)[1][..., :, -1]
     # z = Qc = V·w with w = L⁻ᵀc, so ‖z‖² = wᵀBw and zᵀSz = wᵀHw: no p×p products with B.
     w = jnp.einsum("...ji,...j->...i", Li, c, precision=hp)
     quad = lambda M: jnp.einsum("...i,...ij,...j->...", w, M, w, precision=hp)

@@ -11,6 +11,7 @@ import math
 import jax
 import jax.numpy as jnp
 
+from manifold_optax._platform import on_cpu
 from manifold_optax.linalg import matmul_tn
 from manifold_optax.linalg._ops import accum_dtype
 
@@ -26,6 +27,8 @@ __all__ = [
     "fro",
     "inverse_gradient_scale",
     "fro_from_identity",
+    "distances_from_identity",
+    "sums",
     "row_sum_from_identity",
     "cross",
     "apply_sym",
@@ -79,10 +82,25 @@ def fro(a):
     return jnp.sqrt(inner(a, a))
 
 
-def inverse_gradient_scale(G):
+def sums(*xs, axis=(-2, -1)):
+    """``Σ`` over ``axis`` of each of the same-shape ``xs``. Off CPU one variadic reduction
+    (one kernel for all of them); on CPU one reduction each, as XLA:CPU runs them equally
+    fast."""
+    if on_cpu() or len(xs) == 1:
+        return tuple(jnp.sum(x, axis=axis) for x in xs)
+    dims = tuple(sorted(a % xs[0].ndim for a in axis))
+    zeros = tuple(jnp.zeros((), x.dtype) for x in xs)
+    return jax.lax.reduce(
+        tuple(xs), zeros, lambda a, b: tuple(p + q for p, q in zip(a, b, strict=True)), dims
+    )
+
+
+def inverse_gradient_scale(G, gg=None):
     """``(zero, 1/s)`` per matrix, ``s = ‖G‖_F/√min(rows, cols)`` the RMS singular value that
-    normalizes the dual step's gradient (``zero`` where ``G = 0``; then ``1/s`` is 1)."""
-    gg = jnp.sum(G * G, axis=(-2, -1))
+    normalizes the dual step's gradient (``zero`` where ``G = 0``; then ``1/s`` is 1). ``gg``:
+    ``‖G‖_F²`` when already summed."""
+    if gg is None:
+        gg = jnp.sum(G * G, axis=(-2, -1))
     zero = gg == 0
     return zero, jnp.where(zero, 1.0, jax.lax.rsqrt(gg / min(G.shape[-2:])))
 
@@ -91,6 +109,23 @@ def fro_from_identity(A):
     """``‖A − I‖_F`` per matrix."""
     eye = jnp.eye(A.shape[-1], dtype=A.dtype)
     return jnp.sqrt(jnp.sum((A - eye) ** 2, axis=(-2, -1)))
+
+
+def distances_from_identity(A):
+    """``(‖A − I‖_F, max row sum of |A − I|)`` per matrix; off CPU from two variadic
+    reductions (per row, then over rows) instead of three."""
+    if on_cpu():
+        return fro_from_identity(A), row_sum_from_identity(A)
+    D = A - jnp.eye(A.shape[-1], dtype=A.dtype)
+    zero = jnp.zeros((), A.dtype)
+    sq, ab = sums(D * D, jnp.abs(D), axis=(-1,))
+    total, worst = jax.lax.reduce(
+        (sq, ab),
+        (zero, jnp.array(-jnp.inf, A.dtype)),
+        lambda a, b: (a[0] + b[0], jnp.maximum(a[1], b[1])),
+        (sq.ndim - 1,),
+    )
+    return jnp.sqrt(total), worst
 
 
 def row_sum_from_identity(A):

@@ -6,7 +6,7 @@ import dataclasses
 
 import jax.numpy as jnp
 
-from manifold_optax.manifolds._ops import fro, inverse_gradient_scale, working
+from manifold_optax.manifolds._ops import fro, inverse_gradient_scale, sums, working
 from manifold_optax.manifolds.base import Manifold
 
 __all__ = ["Sphere"]
@@ -55,13 +55,13 @@ class Sphere(Manifold):
         sum loses nothing to cancellation), and ``r·(W − ηΦ)/‖V‖`` is one elementwise pass.
         ``W``, ``G``: ``[*b, rows, cols]`` float32; ``Y``: ``[*b]``."""
         ax = (-2, -1)
-        zero, inv_scale = inverse_gradient_scale(G)
-        ww = jnp.sum(W * W, axis=ax)
+        gg, ww = sums(G * G, W * W, axis=ax)
+        zero, inv_scale = inverse_gradient_scale(G, gg)
         nw = jnp.sqrt(ww)
         inv_nw = jnp.where(nw > 0, 1.0 / jnp.where(nw > 0, nw, 1.0), 1.0)
         Phi = msign_fn(G * inv_scale[..., None, None] + (Y * inv_nw)[..., None, None] * W)
         lr = jnp.where(zero, 0.0, lr)  # a zero gradient: Φ = 0, without a pass over Φ
-        wp, pp = jnp.sum(W * Phi, axis=ax), jnp.sum(Phi * Phi, axis=ax)
+        wp, pp = sums(W * Phi, Phi * Phi, axis=ax)
         Y = jnp.where(zero, Y, Y - eta * wp * inv_nw)
         vv = ww - 2.0 * lr * wp + lr * lr * pp
         k = self.radius / jnp.sqrt(jnp.where(vv > 0, vv, 1.0))

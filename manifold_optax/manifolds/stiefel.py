@@ -14,6 +14,7 @@ from manifold_optax.manifolds._ops import (
     HIGHEST,
     apply_sym,
     cross,
+    distances_from_identity,
     fro,
     fro_from_identity,
     hp_matmul,
@@ -81,8 +82,8 @@ def polish_certificates(A):
     (float32; float64 ``A`` uses :func:`polish_tolerances`).
     """
     cubic_tol, quintic_tol = polish_tolerances(A.dtype)
-    f = fro_from_identity(A)
-    e = jnp.minimum(f, row_sum_from_identity(A))
+    f, rows = distances_from_identity(A)
+    e = jnp.minimum(f, rows)
     cubic_ok = 0.75 * e * e * (1.0 + e / 3.0) <= cubic_tol
     return cubic_ok, f <= quintic_tol
 

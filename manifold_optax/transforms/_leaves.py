@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from manifold_optax._matrix import as_matrix, matrix_view
+from manifold_optax._platform import on_cpu
 from manifold_optax.labels import ambiguous_leaf_error, is_dim_nums, leaf_specs, path_to_str
 from manifold_optax.linalg import msign
 from manifold_optax.manifolds import SOLVERS, Manifold, PolishPlan, SolverConfig, is_manifold
@@ -141,7 +142,7 @@ def by_shape(factory, *, min_ndim: int = 2):
 def group_default(group: bool | None) -> bool:
     """``None``: stack same-shape leaves on GPU/TPU (fewer, larger kernels), not on CPU, where
     the copies into and out of the stacks cost more than they save."""
-    return jax.default_backend() != "cpu" if group is None else bool(group)
+    return not on_cpu() if group is None else bool(group)
 
 
 def _flat_batch(x, nb: int):
@@ -349,8 +350,15 @@ def finish_deferred(pending: list[Deferred], out: list, sharding=None, group: bo
     ``group`` (:func:`run_grouped`)."""
     if not pending:
         return
-    cheap_all = jnp.all(jnp.stack([jnp.all(p.plan.cheap_ok) for p in pending]))
-    ok_all = jnp.all(jnp.stack([jnp.all(p.plan.ok) for p in pending]))
+    # Both predicates from one reduction over every matrix's flags (one kernel, not one per
+    # leaf).
+    flags = jnp.stack(
+        [
+            jnp.concatenate([jnp.ravel(p.plan.cheap_ok) for p in pending]),
+            jnp.concatenate([jnp.ravel(p.plan.ok) for p in pending]),
+        ]
+    )
+    cheap_all, ok_all = jnp.all(flags, axis=1)
     factors = jax.lax.cond(
         cheap_all,
         lambda plans: [
