@@ -1,6 +1,7 @@
 """Updates and optimizer state placed like the parameters, on every kind of mesh.
 
-The public optimizers' ``init`` and ``update`` run through :func:`placed`:
+The public optimizers' and building blocks' ``init`` and ``update`` run through
+:func:`placed` (the outermost one places; those inside it pass through):
 
 * **Explicit axes** (``jax.make_mesh``'s default: an array's type names its sharding). The
   step runs with the mesh's axes made Auto (``jax.sharding.auto_axes``), so the products over
@@ -8,9 +9,10 @@ The public optimizers' ``init`` and ``update`` run through :func:`placed`:
   one), and its outputs come back typed: each update with its parameter's sharding, each
   state leaf with :func:`state_specs`'s.
 * **Auto axes** (a tracer carries no sharding). Updates and parameter-shaped state are tied
-  to their parameters (``shard_alike``); other large state is constrained by the same rule
-  when a mesh is known (the strategy's, or the one ``jax.set_mesh`` made current). With
-  neither, :func:`~manifold_optax.state_shardings` gives ``jit`` the state's shardings.
+  to their parameters (``shard_alike``, or a concrete parameter's own sharding); the other
+  state is constrained by the same rule when a mesh is known (the strategy's, the one
+  ``jax.set_mesh`` made current, or concrete parameters'). With none,
+  :func:`~manifold_optax.state_shardings` gives ``jit`` the state's shardings.
 
 The rule (:func:`state_specs`): a state leaf whose path ends with a parameter's path and has
 its shape (a momentum) gets that parameter's sharding, else one of a parameter's shape (first
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import threading
 
 import jax
 import optax
@@ -138,11 +141,19 @@ def _on(mesh):
             yield
 
 
-def _known_mesh(strategy):
+def _known_mesh(strategy, params=None):
+    """The mesh to place state on: the strategy's, the current one, or that of concrete
+    (eagerly passed) parameters."""
     if strategy is not None:
         return auto_mesh(strategy.mesh)
     ctx = jax.sharding.get_abstract_mesh()
-    return None if ctx.empty or ctx.explicit_axes else ctx
+    if not ctx.empty and not ctx.explicit_axes:
+        return ctx
+    for x in jax.tree.leaves(params):
+        sh = getattr(x, "sharding", None)
+        if not isinstance(x, jax.core.Tracer) and isinstance(sh, NamedSharding):
+            return sh.mesh
+    return None
 
 
 def _tie(tree, params, strategy, axes):
@@ -152,7 +163,7 @@ def _tie(tree, params, strategy, axes):
     if params is None or jax.device_count() == 1:
         return tree
     p_flat = jax.tree.leaves(params)
-    mesh = _known_mesh(strategy)
+    mesh = _known_mesh(strategy, params)
     flat, treedef = jax.tree.flatten(tree)
     out = []
     for x, i in zip(flat, param_of(tree, params), strict=True):
@@ -181,13 +192,43 @@ def like_params(f, params):
         return jax.sharding.auto_axes(f, out_sharding=specs)(params)
 
 
+_local = threading.local()
+
+
+def _nested() -> bool:
+    return getattr(_local, "depth", 0) > 0
+
+
+@contextlib.contextmanager
+def _placing():
+    _local.depth = getattr(_local, "depth", 0) + 1
+    try:
+        yield
+    finally:
+        _local.depth -= 1
+
+
 def placed(tx, strategy=None) -> optax.GradientTransformationExtraArgs:
     """``tx`` whose updates and state are placed like the parameters (module docstring), on
-    meshes with Explicit or Auto axes; ``strategy`` is the optimizer's ``MsignSharding``."""
+    meshes with Explicit or Auto axes; ``strategy`` is the optimizer's ``MsignSharding``.
+    Inside another placed transformation (a building block of ``manifold_muon``) it is
+    ``tx`` itself: the outermost one places."""
     tx = optax.with_extra_args_support(tx)
     axes = None if strategy is None else strategy.owner_axes
 
     def init_fn(params):
+        if _nested():
+            return tx.init(params)
+        with _placing():
+            return _init(params)
+
+    def update_fn(updates, state, params=None, **extra):
+        if _nested():
+            return tx.update(updates, state, params, **extra)
+        with _placing():
+            return _update(updates, state, params, **extra)
+
+    def _init(params):
         mesh = explicit_mesh(params)
         if mesh is None:
             return _tie(tx.init(params), params, strategy, axes)
@@ -198,7 +239,7 @@ def placed(tx, strategy=None) -> optax.GradientTransformationExtraArgs:
         with _on(mesh):
             return jax.sharding.auto_axes(tx.init, out_sharding=specs)(params)
 
-    def update_fn(updates, state, params=None, **extra):
+    def _update(updates, state, params=None, **extra):
         mesh = explicit_mesh((updates, params))
         if mesh is None:
             new, state = tx.update(updates, state, params, **extra)

@@ -48,6 +48,15 @@ MESH_KINDS = ("explicit", "explicit+set_mesh", "auto")
 def make_optimizer(name, solver, strategy):
     if name == "muon":
         return mo.muon(0.02, sharding=strategy), None
+    if name == "chain":  # the building blocks, each placed on its own
+        m = mo.Stiefel()
+        tx = optax.chain(
+            mo.momentum(0.95),
+            mo.dual_ascent(m, solver, sharding=strategy),
+            optax.scale_by_learning_rate(0.05),
+            mo.retract(m, sharding=strategy),
+        )
+        return tx, m
     m = MANIFOLDS[name]
     kw = {"inner_steps": 3} if solver == "dual_ascent" else {}
     return mo.manifold_muon(0.05, m, solver=solver, sharding=strategy, **kw), m
@@ -218,6 +227,7 @@ def cases(which):
         ("muon", None, "explicit", "none", False, True),
         ("stiefel", "online", "explicit+set_mesh", "gather", False, False),
         ("sphere", "online", "auto", "gather", False, True),
+        ("chain", "online", "explicit", "none", False, False),
     ]
     if which == "fast":
         return fast
@@ -234,6 +244,8 @@ def cases(which):
                 continue  # the oblique manifold has no fixed-point solver
             out.append((name, solver, "explicit", "gather", False, False))
             out.append((name, solver, "auto", "none", False, False))
+    for kind in MESH_KINDS:
+        out.append(("chain", "online", kind, "gather", False, kind == "explicit"))
     out += [
         ("spectral_sphere", "online", "explicit", "owner", False, False),
         ("stiefel", "online", "auto", "owner", True, False),

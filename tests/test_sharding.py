@@ -75,6 +75,7 @@ def test_meshes_follow_the_parameters(fast_checks):
     with a strategy: two steps equal one device's; updates, parameters and state keep their
     shardings with no out_shardings (the full grid is under -m slow)."""
     assert {r["mesh"] for r in fast_checks["rows"]} == {"explicit", "explicit+set_mesh", "auto"}
+    assert "chain" in {r["optimizer"] for r in fast_checks["rows"]}
     _assert_placed(fast_checks["rows"])
 
 
@@ -101,6 +102,8 @@ def test_every_optimizer_mesh_kind_and_solver(full_checks):
         for mesh in ("explicit", "explicit+set_mesh", "auto"):
             for strat in ("none", "gather"):
                 assert (name, mesh, strat) in kinds
+    for mesh in ("explicit", "explicit+set_mesh", "auto"):
+        assert ("chain", mesh, "gather") in kinds  # the building blocks in optax.chain
     _assert_placed(rows)
 
 

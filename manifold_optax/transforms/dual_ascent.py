@@ -7,6 +7,7 @@ from typing import NamedTuple
 import jax
 import optax
 
+from manifold_optax._placement import placed
 from manifold_optax.manifolds import SolverConfig
 from manifold_optax.sharding import run_replicated
 from manifold_optax.transforms._leaves import (
@@ -147,4 +148,4 @@ def dual_ascent(
             new_s[i] = LeafState(reshaped(y, ls.y), reshaped(aux, ls.aux))
         return jax.tree.unflatten(treedef, new_u), DualAscentState(tuple(new_s))
 
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    return placed(optax.GradientTransformationExtraArgs(init_fn, update_fn), sharding)

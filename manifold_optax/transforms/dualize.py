@@ -10,6 +10,7 @@ import optax
 
 from manifold_optax import norms as _norms
 from manifold_optax._matrix import grouped_msign, matrix_view, vector_view
+from manifold_optax._placement import placed
 from manifold_optax.labels import path_to_str
 from manifold_optax.transforms._leaves import leaf_specs, msign_kwargs, paths
 
@@ -95,4 +96,6 @@ def dualize(
             new[i] = inv(o)
         return jax.tree.unflatten(treedef, new), state
 
-    return optax.GradientTransformationExtraArgs(optax.init_empty_state, update_fn)
+    return placed(
+        optax.GradientTransformationExtraArgs(optax.init_empty_state, update_fn), sharding
+    )

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from manifold_optax._placement import placed
 from manifold_optax.manifolds import SolverConfig
 from manifold_optax.sharding import run_replicated
 from manifold_optax.transforms._leaves import (
@@ -161,4 +162,4 @@ def manifold_step(
         leaves = initial_leaves(manifold, params, init_tolerance, power_iters, dims)
         return ManifoldStepState(jnp.zeros([], jnp.int32), tuple(leaves))
 
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    return placed(optax.GradientTransformationExtraArgs(init_fn, update_fn), sharding)

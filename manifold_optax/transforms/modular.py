@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import optax
 
 from manifold_optax._matrix import fans
+from manifold_optax._placement import placed
 from manifold_optax.labels import path_to_str
 from manifold_optax.transforms._leaves import leaf_specs, paths
 from manifold_optax.transforms.dualize import dualize
@@ -38,7 +39,7 @@ def scale_by_shape(
             new.append(x * jnp.asarray(scale, x.dtype))
         return jax.tree.unflatten(treedef, new), state
 
-    return optax.GradientTransformationExtraArgs(optax.init_empty_state, update_fn)
+    return placed(optax.GradientTransformationExtraArgs(optax.init_empty_state, update_fn))
 
 
 def scale_by_modular_norm(
@@ -92,4 +93,4 @@ def scale_by_modular_norm(
         new = [(t * (eta / s)).astype(t.dtype) for t, s in zip(d_leaves, s_leaves, strict=True)]
         return jax.tree.unflatten(treedef, new), state
 
-    return optax.GradientTransformationExtraArgs(optax.init_empty_state, update_fn)
+    return placed(optax.GradientTransformationExtraArgs(optax.init_empty_state, update_fn))

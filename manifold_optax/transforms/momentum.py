@@ -10,6 +10,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from manifold_optax._placement import placed
+
 __all__ = ["MomentumState", "momentum"]
 
 
@@ -81,4 +83,4 @@ def momentum(
         mu = optax.tree.cast(mu, mu_dtype)
         return out, MomentumState(count=count, mu=mu)
 
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    return placed(optax.GradientTransformationExtraArgs(init_fn, update_fn))

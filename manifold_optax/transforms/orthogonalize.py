@@ -7,6 +7,7 @@ import jax
 import optax
 
 from manifold_optax._matrix import grouped_msign, matrix_view
+from manifold_optax._placement import placed
 from manifold_optax.labels import is_dim_nums
 from manifold_optax.transforms._leaves import leaf_specs, msign_kwargs, paths
 
@@ -85,4 +86,6 @@ def orthogonalize(
             new[i] = inv(o)
         return jax.tree.unflatten(treedef, new), state
 
-    return optax.GradientTransformationExtraArgs(optax.init_empty_state, update_fn)
+    return placed(
+        optax.GradientTransformationExtraArgs(optax.init_empty_state, update_fn), sharding
+    )

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from manifold_optax._placement import like_params
+from manifold_optax._placement import like_params, placed
 from manifold_optax.labels import path_to_str
 from manifold_optax.manifolds._ops import working
 from manifold_optax.sharding import run_replicated
@@ -123,7 +123,7 @@ def retract(
         finish_deferred(pending, out, sharding, grouped)
         return jax.tree.unflatten(treedef, out), RetractState(tuple(auxes))
 
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    return placed(optax.GradientTransformationExtraArgs(init_fn, update_fn), sharding)
 
 
 def project_params(params, manifold_spec, *, weight_dimension_numbers=None):
