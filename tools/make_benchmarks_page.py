@@ -116,7 +116,7 @@ def msign_section(out_dir) -> list[str]:
 def step_section(out_dir) -> list[str]:
     lines = ["## Optimizer step", ""]
     lines += [
-        "`python benchmarks/step_bench.py` (`--wide` for d = 512): one jitted step on a",
+        "`python benchmarks/step_bench.py` (`--d D`, `--wide` for d = 512): one jitted step on a",
         "reference tree of 4 transformer blocks (q, k, v, o, up, down and a scale vector per",
         "block), after 20 warm-up steps. Ratios are medians over rounds of the ratio within a",
         "round, with quartiles; matmul FLOPs are counted from each step's jaxpr.",
