@@ -15,9 +15,10 @@ all-reduce. The strategy is chosen on purpose instead:
 * ``"none"``: no constraints (GSPMD decides; for comparison).
 
 Usage: ``strategy = MsignSharding(mesh)`` and pass ``sharding=strategy`` to ``muon``,
-``manifold_muon``, ``orthogonalize``, ``dualize``, ``dual_ascent`` or ``retract``; jit the step
-with ``in_shardings``/``out_shardings`` from :func:`state_shardings` so outputs keep their
-parameters' shardings.
+``manifold_muon``, ``orthogonalize``, ``dualize``, ``dual_ascent`` or ``retract``. Updates and
+state follow the parameters' shardings by themselves (Explicit mesh axes, or Auto ones with a
+strategy or a current mesh); :func:`state_shardings` gives the same shardings for ``jit``'s
+``in_shardings``/``out_shardings`` where nothing names the mesh.
 """
 
 from __future__ import annotations
