@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from manifold_optax._placement import placed
 from manifold_optax.labels import path_to_str
 
 __all__ = ["checked"]
@@ -52,11 +53,12 @@ def _compare(name, what, tree, ref_what, ref):
             )
 
 
-def checked(tx, name: str) -> optax.GradientTransformationExtraArgs:
+def checked(tx, name: str, sharding=None) -> optax.GradientTransformationExtraArgs:
     """``tx`` whose ``update`` first checks that the gradients match the parameters (when
     given), leaf by leaf, in shape and floating dtype, and the optimizer state's buffers
     kept per parameter (momentum, moments) in shape: a ValueError naming the path instead of an error deep inside
-    the step."""
+    the step. Its updates and state are placed like the parameters
+    (:func:`~manifold_optax._placement.placed`, with the ``sharding`` strategy)."""
     tx = optax.with_extra_args_support(tx)
 
     def update_fn(updates, state, params=None, **extra):
@@ -65,4 +67,4 @@ def checked(tx, name: str) -> optax.GradientTransformationExtraArgs:
         _check_state(name, updates, state)
         return tx.update(updates, state, params, **extra)
 
-    return optax.GradientTransformationExtraArgs(tx.init, update_fn)
+    return placed(optax.GradientTransformationExtraArgs(tx.init, update_fn), sharding)

@@ -10,7 +10,6 @@ import optax
 
 from manifold_optax import norms as _norms
 from manifold_optax._checks import checked
-from manifold_optax._placement import placed
 from manifold_optax.labels import FALLBACK, MATRIX, label_params, path_to_str
 from manifold_optax.transforms import (
     DEFAULT_INIT_TOLERANCE,
@@ -147,8 +146,7 @@ def muon(
       Jordan et al., "Muon" (2024); Liu et al., "Muon is Scalable for LLM Training"
       (arXiv:2502.16982); Amsel et al., "The Polar Express" (arXiv:2505.16932).
     """
-    if adam_learning_rate is None:
-        adam_learning_rate = learning_rate
+    adam_learning_rate = learning_rate if adam_learning_rate is None else adam_learning_rate
     matrix_tx = optax.chain(
         momentum(beta, nesterov=nesterov, bias_correction=bias_correction, mu_dtype=mu_dtype),
         orthogonalize(
@@ -179,7 +177,7 @@ def muon(
     )
     labels = param_labels_fn(weight_dimension_numbers, fallback_patterns)
     tx = optax.partition({MATRIX: matrix_tx, FALLBACK: fallback_tx}, labels)
-    return placed(checked(tx, "muon"), sharding)
+    return checked(tx, "muon", sharding)
 
 
 def trust_region(
@@ -240,7 +238,7 @@ def trust_region(
             raise ValueError(f"radius must be positive, got {radius}")
         parts.append(optax.add_decayed_weights(1.0 / radius))
     parts.append(optax.scale_by_learning_rate(learning_rate))
-    return placed(checked(optax.chain(*parts), "trust_region"), dualize_kwargs.get("sharding"))
+    return checked(optax.chain(*parts), "trust_region", dualize_kwargs.get("sharding"))
 
 
 MANIFOLD = "manifold"
@@ -348,8 +346,7 @@ def manifold_muon(
     """
     if fallback not in ("adamw", "muon"):
         raise ValueError(f"fallback must be 'adamw' or 'muon', got {fallback!r}")
-    if adam_learning_rate is None:
-        adam_learning_rate = learning_rate
+    adam_learning_rate = learning_rate if adam_learning_rate is None else adam_learning_rate
     labels = manifold_labels_fn(manifold, weight_dimension_numbers, fallback_patterns)
     manifold_tx = optax.chain(
         momentum(beta, nesterov=nesterov, bias_correction=bias_correction, mu_dtype=mu_dtype),
@@ -399,4 +396,4 @@ def manifold_muon(
             sharding=sharding,
         )
     tx = optax.partition({MANIFOLD: manifold_tx, FALLBACK: fallback_tx}, labels)
-    return placed(checked(tx, "manifold_muon"), sharding)
+    return checked(tx, "manifold_muon", sharding)

@@ -194,9 +194,6 @@ def _ritz_top(V, SV, squarings: int = 24):
     if on_cpu():
         Li = _lower_inverse(per_matrix(cholesky, B, scale))
     else:
-        # Accelerators: both shifts in one batched factorization, and the inverse by one
-        # batched triangular solve (one kernel each, where the CPU path avoids LAPACK's
-        # per-matrix calls).
         both = jnp.linalg.cholesky(jnp.stack([B + 3e-6 * scale * eye, B + 1e-3 * scale * eye]))
         ok = jnp.all(jnp.isfinite(both[0]), axis=(-2, -1), keepdims=True)
         L = jnp.where(ok, both[0], both[1])
@@ -208,7 +205,6 @@ def _ritz_top(V, SV, squarings: int = 24):
     if on_cpu():
         c = _top_eigvec_psd(Hs, squarings)
     else:
-        # Accelerators: one batched p×p eigensolver call instead of the squarings' matmuls.
         c = jnp.linalg.eigh(Hs)[1][..., :, -1]
     # z = Qc = V·w with w = L⁻ᵀc, so ‖z‖² = wᵀBw and zᵀSz = wᵀHw: no p×p products with B.
     w = jnp.einsum("...ji,...j->...i", Li, c, precision=hp)
