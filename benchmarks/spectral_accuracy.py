@@ -118,13 +118,14 @@ def main():
     ap.add_argument("--no-timing", action="store_true", help="accuracy only")
     ap.add_argument("--json", default=None, help="output file")
     a = ap.parse_args()
-    path = mo.lowering_for(a.path) if a.path else contextlib.nullcontext()
+    # (A new context each time: one made by contextlib.contextmanager is entered only once.)
+    path = lambda: mo.lowering_for(a.path) if a.path else contextlib.nullcontext()
     filters = [("chebyshev", int(k)) for k in a.degrees.split(",") if k]
     filters += [("power", int(k)) for k in a.power.split(",") if k]
     rows = []
     for kind, degree in filters:
         row = {"filter": kind, "degree": degree, "block": a.block}
-        with path:
+        with path():
             rows.append(row | train_demo(kind, degree, a.block) | {"path": a.path or "default"})
         print(f"trained {kind} {degree}: worst {rows[-1]['worst_violation']:.2e}", flush=True)
     ratios = (

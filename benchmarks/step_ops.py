@@ -180,7 +180,9 @@ def platform_for_lowering(params, tx) -> str | None:
         return None
 
 
-def run(d: int):
+def run(d: int, names=ROWS):
+    """Rows for the optimizers ``names`` (``BASE`` among them) at width ``d``, and the
+    platform lowered for."""
     tree = reference_tree(d)
     grads = jax.tree.map(lambda x: 0.01 * x, tree)
     rows = []
@@ -189,12 +191,12 @@ def run(d: int):
         txs = optimizers()
         platform = platform_for_lowering(tree, txs[BASE])
         counts = {}
-        for name in ROWS:
+        for name in names:
             tx = txs[name]
             params = mo.project_params(tree, tx_manifold(name))
             counts[name] = count_ops(lower_step(tx, params, grads, platform))
     base = sum(counts[BASE][k] for k in KINDS)
-    for name in ROWS:
+    for name in names:
         c = counts[name]
         ops = sum(c[k] for k in KINDS)
         rows.append(

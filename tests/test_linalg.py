@@ -215,8 +215,9 @@ def test_norms_and_top_pair(rng):
     assert float(s0) == 0.0 and np.all(np.isfinite(u0)) and np.all(np.isfinite(v0))
 
 
+@pytest.mark.parametrize("path", ["cpu", "gpu"])
 @pytest.mark.parametrize("wide", [pytest.param(False, marks=pytest.mark.slow), True])
-def test_chebyshev_filter_beats_power_steps_on_a_flat_top_spectrum(wide):
+def test_chebyshev_filter_beats_power_steps_on_a_flat_top_spectrum(wide, path):
     # The spectral sphere's situation: a slowly decaying top spectrum (σ_j = 1 − 0.004j, so
     # σ₁₇/σ₁ = 0.936 for a 16-vector block) and a warm block from a nearby matrix (the
     # previous step's). Six degree-6 filter steps must land within 5e-6 of σ₁ (a float64 SVD;
@@ -224,7 +225,9 @@ def test_chebyshev_filter_beats_power_steps_on_a_flat_top_spectrum(wide):
     # ≥ 4× closer than six power steps (same products; the filter's degree-6 Chebyshev
     # polynomial separates σ₁ from the band [0, σ₁₇] far faster than the sixth power
     # 0.936⁶ = 0.67); a sign or scale error in the three-term recurrence, or a b above λ₁,
-    # loses that.
+    # loses that. On the accelerator path the filter is scaled by scalars instead of
+    # normalized per step and Rayleigh–Ritz whitens the block by an eigensolve
+    # (linalg.warm_block); the power steps are the CPU path's on both.
     from manifold_optax.linalg import top_singular_subspace
 
     rng = np.random.default_rng(0)
@@ -237,7 +240,10 @@ def test_chebyshev_filter_beats_power_steps_on_a_flat_top_spectrum(wide):
     x, true = (x.T, V[:, 0]) if wide else (x, V[:, 0])
     err = {}
     for cheb in (True, False):
-        s, u, v, _ = top_singular_subspace(jnp.asarray(x, jnp.float32), warm, 6, p, chebyshev=cheb)
+        with mo.lowering_for(path):
+            s, u, v, _ = top_singular_subspace(
+                jnp.asarray(x, jnp.float32), warm, 6, p, chebyshev=cheb
+            )
         err[cheb] = abs(float(s) - 1.0)
         short = np.asarray(u if wide else v)
         assert abs(abs(short @ true) - 1) < 1e-3  # the top vector, on the short side
@@ -245,8 +251,9 @@ def test_chebyshev_filter_beats_power_steps_on_a_flat_top_spectrum(wide):
     assert err[True] < 0.25 * err[False], err
 
 
+@pytest.mark.parametrize("path", ["cpu", "gpu"])
 @pytest.mark.parametrize("gap", [1.5, 3.0])
-def test_warm_block_iteration_survives_a_block_collapsed_onto_a_separated_top(gap):
+def test_warm_block_iteration_survives_a_block_collapsed_onto_a_separated_top(gap, path):
     # σ₁ = gap·σ₂: the degree-6 filter aligns the warm block's columns with the top direction,
     # the block's Gram is numerically rank one, and the whitened projection in _ritz_top
     # carries spurious eigenvalues as large as λ₁: picking the largest of them gives σ₁ = 0
@@ -254,10 +261,17 @@ def test_warm_block_iteration_survives_a_block_collapsed_onto_a_separated_top(ga
     # steps must give σ₁ to float32 round-off (1e-6 ≈ 8 ε_f32: a Rayleigh quotient is second
     # order in its vector's error) and Θ within 2e-6 (16 ε_f32) of the float64 top pair, on
     # 20 seeds at either gap (a start picked by Rayleigh quotient alone, without the
-    # residual tie-break, misses 2e-6 on some of them).
+    # residual tie-break, misses 2e-6 on some of them). The accelerator path forms the
+    # projected matrix after whitening the block (linalg.warm_block), which must hold the
+    # same bounds without the checked steps.
     from manifold_optax.linalg import top_singular_subspace
 
-    warm_run = jax.jit(lambda x, v0: top_singular_subspace(x, v0, 6, 32))
+    warm_jit = jax.jit(lambda x, v0: top_singular_subspace(x, v0, 6, 32))
+
+    def warm_run(x, v0):
+        with mo.lowering_for(path):  # (traced on the first call, inside the block)
+            return warm_jit(x, v0)
+
     cold_run = jax.jit(lambda x: top_singular_subspace(x, None, 30, 32)[3])
     for seed in range(20):
         rng = np.random.default_rng(seed)
@@ -283,7 +297,7 @@ def test_unrolled_warm_block_iteration_matches_the_loop_and_drops_its_loops(monk
     # compute (the same operations: float32 round-off only) and lower to a program with
     # exactly those two while loops fewer (on CPU one stays: per_matrix's one-at-a-time
     # Cholesky, a batched call on other backends).
-    from manifold_optax.linalg import spectral
+    from manifold_optax.linalg import _small, spectral
 
     rng = np.random.default_rng(1)
     # A top singular value 10% above the rest, so the top pair is well conditioned.
@@ -294,7 +308,8 @@ def test_unrolled_warm_block_iteration_matches_the_loop_and_drops_its_loops(monk
     warm = jnp.asarray(rng.standard_normal((3, 96, 16)), jnp.float32)
     outs, loops = {}, {}
     for unroll in (False, True):
-        monkeypatch.setattr(spectral, "unroll_fixed_loops", lambda unroll=unroll: unroll)
+        for module in (spectral, _small):
+            monkeypatch.setattr(module, "unroll_fixed_loops", lambda unroll=unroll: unroll)
         run = jax.jit(lambda x, warm: spectral.top_singular_subspace(x, warm, 6, 16))
         outs[unroll] = run(x, warm)
         loops[unroll] = run.lower(x, warm).as_text().count("stablehlo.while")
@@ -311,13 +326,13 @@ def test_unrolled_warm_block_iteration_matches_the_loop_and_drops_its_loops(monk
 def test_lower_inverse_is_exact_for_every_block_size():
     # The nilpotent product (I − N)(I + N²)(I + N⁴)··· must cover N^(p−1): one factor too few
     # leaves an O(1) error in the last subdiagonals for p just above a power of two.
-    from manifold_optax.linalg.spectral import _lower_inverse
+    from manifold_optax.linalg._small import lower_inverse
 
     rng = np.random.default_rng(0)
     for p in (1, 2, 3, 5, 17, 33):  # each just above a power of two, and the smallest
         a = rng.standard_normal((2, p, p))
         L = np.linalg.cholesky(a @ a.transpose(0, 2, 1) + p * np.eye(p))
-        Li = np.asarray(_lower_inverse(jnp.asarray(L, jnp.float32)), np.float64)
+        Li = np.asarray(lower_inverse(jnp.asarray(L, jnp.float32)), np.float64)
         assert np.abs(Li @ L - np.eye(p)).max() < 1e-5, p  # float32, cond(L) ≲ 10
 
 
@@ -327,13 +342,13 @@ def test_top_eigvec_squarings_do_not_underflow_on_a_flat_spectrum(p):
     # a normalization every eigenvalue is 1/p, and too many squarings before the next one
     # underflow the whole matrix to zero (then the result is the fallback e₀, not the top
     # eigenvector). Top eigenvalue 0.1% above the rest, in a random basis.
-    from manifold_optax.linalg.spectral import _squarings_between_normalizations, _top_eigvec_psd
+    from manifold_optax.linalg._small import squarings_between_normalizations, top_eigvec_psd
 
-    k = _squarings_between_normalizations(p)
+    k = squarings_between_normalizations(p)
     assert k >= 1 and 2**k * np.log2(max(p, 2)) <= 100 < 2 ** (k + 1) * np.log2(max(p, 2))
     Q, _ = np.linalg.qr(np.random.default_rng(p).standard_normal((p, p)))
     H = (Q * np.concatenate([[1.001], np.ones(p - 1)])) @ Q.T
-    c = np.asarray(_top_eigvec_psd(jnp.asarray(H, jnp.float32), 24), np.float64)
+    c = np.asarray(top_eigvec_psd(jnp.asarray(H, jnp.float32), 24), np.float64)
     assert abs(abs(c @ Q[:, 0]) - 1) < 1e-4
 
 
@@ -359,6 +374,36 @@ def test_matmul_only_rayleigh_ritz_resolves_a_cluster(duplicate):
     assert np.isfinite(np.asarray(Q)).all()
     assert abs(float(lam1) - 1.0) < 2e-7, float(lam1)
     assert abs(abs(float(np.asarray(z, np.float64) @ E[:, 0])) - 1) < 1e-3
+
+
+@pytest.mark.parametrize("duplicate", [False, True])
+def test_accelerator_rayleigh_ritz_resolves_a_cluster_and_a_zero_matrix(duplicate):
+    # The accelerator path's refinement (linalg.warm_block) on the cluster above, from the
+    # block itself with the lowest filter degree: the Ritz value within float32 round-off of
+    # λ₁ (2e-7 relative: the Rayleigh quotient of a vector formed after whitening, from float32
+    # products of length 64) and the top vector; a duplicated column (singular block Gram)
+    # stays finite. A zero matrix gives λ = 0 and a unit vector.
+    from manifold_optax.linalg.warm_block import refine_warm_block
+
+    rng = np.random.default_rng(1)
+    s, p = 64, 8
+    E, _ = np.linalg.qr(rng.standard_normal((s, s)))
+    lam = np.concatenate([1 - 1e-5 * np.arange(12), 0.5 * rng.random(s - 12)])
+    S = (E * lam) @ E.T
+    mix, _ = np.linalg.qr(rng.standard_normal((p, p)))
+    V = E[:, [0, 3, 5, 9, 14, 20, 30, 40]] @ mix
+    if duplicate:
+        V = np.concatenate([V, V[:, :1]], axis=1)
+    for degree in (1, 6):
+        lam1, z, Q = refine_warm_block(
+            jnp.asarray(S, jnp.float32), jnp.asarray(V, jnp.float32), degree
+        )
+        assert np.isfinite(np.asarray(Q)).all()
+        assert abs(float(lam1) - 1.0) < 2e-7, (degree, float(lam1))
+        assert abs(abs(float(np.asarray(z, np.float64) @ E[:, 0])) - 1) < 1e-3
+    lam0, z0, Q0 = refine_warm_block(jnp.zeros((2, 8, 8)), jnp.ones((2, 8, 3)), 3)
+    assert np.all(np.asarray(lam0) == 0) and np.all(np.isfinite(np.asarray(Q0)))
+    np.testing.assert_allclose(np.linalg.norm(np.asarray(z0), axis=-1), 1.0, rtol=1e-6)
 
 
 # ---- property tests ---------------------------------------------------------------------------

@@ -253,30 +253,38 @@ def solver_section(out_dir) -> list[str]:
 
 
 def spectral_section(out_dir) -> list[str]:
-    r = load("spectral_accuracy.json")
-    if r is None:
-        return []
-    lines = ["## Spectral sphere retraction", ""]
-    lines += [
-        "`python benchmarks/spectral_accuracy.py`: the worst and median `|‖W‖₂ − r|/r` after",
-        "each of the digits demo's steps, against the warm block iteration's filter and degree.",
-        "",
-        machine_line(r),
-        "",
-    ]
-    rows = [
-        (
-            x["filter"],
-            x["degree"],
-            x["block"],
-            g(x["worst_violation"], ".1e"),
-            g(x["median_violation"], ".1e"),
-            g(x.get("step_vs_muon"), ".2f"),
-        )
-        for x in r["rows"]
-    ]
-    header = ("filter", "degree", "block", "worst", "median", "step × muon")
-    return lines + table(header, rows) + [""]
+    lines = []
+    for name, path in (
+        ("spectral_accuracy.json", "this machine's"),
+        ("spectral_accuracy_gpu_path.json", "accelerator (`--path gpu`)"),
+    ):
+        r = load(name)
+        if r is None:
+            continue
+        if not lines:
+            lines = ["## Spectral sphere retraction", ""]
+            lines += [
+                "`python benchmarks/spectral_accuracy.py`: the worst and median "
+                "`|‖W‖₂ − r|/r` after",
+                "each of the digits demo's steps, against the warm block iteration's filter "
+                "and degree.",
+                "",
+            ]
+        lines += [f"Path: {path}.", "", machine_line(r), ""]
+        rows = [
+            (
+                x["filter"],
+                x["degree"],
+                x["block"],
+                g(x["worst_violation"], ".1e"),
+                g(x["median_violation"], ".1e"),
+                g(x.get("step_vs_muon"), ".2f"),
+            )
+            for x in r["rows"]
+        ]
+        header = ("filter", "degree", "block", "worst", "median", "step × muon")
+        lines += table(header, rows) + [""]
+    return lines
 
 
 def sharding_section(out_dir) -> list[str]:

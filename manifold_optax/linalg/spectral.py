@@ -20,6 +20,8 @@ from manifold_optax.linalg._ops import (
     per_matrix,
     unroll_fixed_loops,
 )
+from manifold_optax.linalg._small import lower_inverse, top_eigvec_psd
+from manifold_optax.linalg.warm_block import other_side, refine_warm_block
 
 __all__ = ["top_singular_pair", "top_singular_subspace"]
 
@@ -92,72 +94,6 @@ def _chebyshev_filter(apply, V, degree: int, col_norms):
     return jax.lax.fori_loop(0, degree - 1, step, (prev, cur), unroll=unroll_fixed_loops())[1]
 
 
-def _squarings_between_normalizations(p: int) -> int:
-    """How many squarings of a trace-normalized ``p×p`` PSD matrix stay in float32's normal
-    range: after normalization its top eigenvalue is at least ``1/p``, after ``k`` more
-    squarings at least ``p^(−2^k)``, kept above ``2^−100`` (the smallest normal float32 is
-    ``2^−126``). 4 for ``p = 32``."""
-    k = 1
-    while 2 ** (k + 1) * math.log2(max(p, 2)) <= 100:
-        k += 1
-    return k
-
-
-def _top_eigvec_psd(H, squarings: int):
-    """The top eigenvector of symmetric positive semidefinite ``H`` (``[*batch, p, p]``) by
-    repeated squaring: ``A ← A²`` ``squarings`` times, renormalized to unit trace every
-    :func:`_squarings_between_normalizations` squarings (4 for ``p = 32``; each
-    normalization is a reduction and a pass, a kernel launch each on a GPU), gives
-    ``H^P/tr(H^P)``, ``P = 2^squarings``, whose column with the largest diagonal entry is the
-    top eigenvector up to components of relative size ``√p·(λ_i/λ₁)^P``. Its Rayleigh
-    quotient is then off by at most ``p·max_δ δ(1−δ)^{2P}·λ₁ ≈ p·λ₁/(2eP)`` (4e-7 relative
-    for ``p = 32`` at 24 squarings), whatever the gaps: eigenvalues too close to separate
-    are also too close to matter. Only batched matmuls (no per-matrix LAPACK call, which runs
-    one matrix at a time on CPU: :func:`~manifold_optax.linalg.per_matrix`)."""
-    hp = jax.lax.Precision.HIGHEST
-
-    def normalized(A):
-        t = jnp.trace(A, axis1=-2, axis2=-1)[..., None, None]
-        return A / jnp.where(t > 0, t, 1.0)
-
-    def squared(A, times):
-        for _ in range(times):
-            A = jnp.matmul(A, A, precision=hp)
-        return normalized(A)
-
-    k = min(_squarings_between_normalizations(H.shape[-1]), max(squarings, 1))
-    A = jax.lax.fori_loop(
-        0,
-        squarings // k,
-        lambda _, A: squared(A, k),
-        normalized(H),
-        unroll=unroll_fixed_loops(),
-    )
-    A = squared(A, squarings % k) if squarings % k else A
-    j = jnp.argmax(jnp.diagonal(A, axis1=-2, axis2=-1), axis=-1)
-    c = jnp.take_along_axis(A, j[..., None, None], axis=-1)[..., 0]
-    n = jnp.linalg.norm(c, axis=-1, keepdims=True)
-    e0 = jnp.zeros_like(c).at[..., 0].set(1.0)
-    return jnp.where(n > 0, c / jnp.where(n > 0, n, 1.0), e0)
-
-
-def _lower_inverse(L):
-    """``L⁻¹`` for lower-triangular ``L`` (``[*b, p, p]``, nonzero diagonal) with matmuls only:
-    ``L = (I + N)·D`` with ``N`` strictly lower, hence nilpotent, so
-    ``(I + N)⁻¹ = (I − N)(I + N²)(I + N⁴)···`` (``⌈log₂ p⌉`` factors, exact)."""
-    hp = jax.lax.Precision.HIGHEST
-    p = L.shape[-1]
-    eye = jnp.eye(p, dtype=L.dtype)
-    d = jnp.diagonal(L, axis1=-2, axis2=-1)
-    d = jnp.where(d != 0, d, 1.0)
-    M = eye - L / d[..., None, :]  # −N
-    inv = eye + M
-    for _ in range(max(0, (p - 1).bit_length() - 1)):
-        M = jnp.matmul(M, M, precision=hp)
-        inv = jnp.matmul(inv, eye + M, precision=hp)
-    return inv / d[..., :, None]
-
-
 def _ritz_top(V, SV, squarings: int = 24):
     """Rayleigh–Ritz for the top eigenpair of a PSD ``S`` on ``span(V)`` (``V``: ``[*b, s, p]``,
     ``SV = S·V``), with no QR or eigensolver of the ``s×p`` block.
@@ -165,11 +101,11 @@ def _ritz_top(V, SV, squarings: int = 24):
     ``B = VᵀV`` gets a shifted Cholesky factor ``B + δI = LLᵀ`` (``δ = 3·10⁻⁶·tr(B)/p``: the
     filtered block may be nearly rank-deficient), so ``Q = V·L⁻ᵀ`` spans ``span(V)`` with
     ``QᵀQ ≈ I``; the top eigenvector ``c`` of ``Ĥ = L⁻¹(VᵀSV)L⁻ᵀ`` (``QᵀSQ``) comes from
-    :func:`_top_eigvec_psd`, and the eigenvalue is the exact Rayleigh quotient of
+    :func:`~manifold_optax.linalg._small.top_eigvec_psd`, and the eigenvalue is the exact Rayleigh quotient of
     ``z = Qc = Vw`` (``w = L⁻ᵀc``): ``wᵀ(VᵀSV)w / wᵀBw`` (a lower bound of ``λ₁(S)``,
     quadratically accurate in the angle of ``z``, whatever the orthonormality of ``Q``).
     On CPU only the ``p×p`` Cholesky is a LAPACK call; the triangular inverse is matmuls
-    (:func:`_lower_inverse`, batched, where a LAPACK triangular solve runs per matrix). On
+    (:func:`~manifold_optax.linalg._small.lower_inverse`, batched, where a LAPACK triangular solve runs per matrix). On
     accelerators (``mo.lowering_for``) the Cholesky of both shifts, the triangular inverse
     and the ``p×p`` eigenvector are one batched solver call each instead of the matmuls.
     Returns ``(λ [*b], z/‖z‖ [*b, s], Q)``;
@@ -192,7 +128,7 @@ def _ritz_top(V, SV, squarings: int = 24):
         return jnp.where(ok, L, jnp.linalg.cholesky(B + 1e-3 * scale * eye))
 
     if on_cpu():
-        Li = _lower_inverse(per_matrix(cholesky, B, scale))
+        Li = lower_inverse(per_matrix(cholesky, B, scale))
     else:
         both = jnp.linalg.cholesky(jnp.stack([B + 3e-6 * scale * eye, B + 1e-3 * scale * eye]))
         ok = jnp.all(jnp.isfinite(both[0]), axis=(-2, -1), keepdims=True)
@@ -203,7 +139,7 @@ def _ritz_top(V, SV, squarings: int = 24):
     Hq = mm(mm(Li, H), t(Li))
     Hs = 0.5 * (Hq + t(Hq))
     if on_cpu():
-        c = _top_eigvec_psd(Hs, squarings)
+        c = top_eigvec_psd(Hs, squarings)
     else:
         c = jnp.linalg.eigh(Hs)[1][..., :, -1]
     # z = Qc = V·w with w = L⁻ᵀc, so ‖z‖² = wᵀBw and zᵀSz = wᵀHw: no p×p products with B.
@@ -317,6 +253,12 @@ def top_singular_subspace(
     worst ``|σ̂₁ − σ₁|/σ₁`` over a training run for either choice). Cold starts always take
     power steps (with a QR every 4).
 
+    On accelerators (``mo.lowering_for``) a warm start with ``chebyshev`` and ``gram`` takes
+    :func:`~manifold_optax.linalg.warm_block.refine_warm_block` instead: the filter scaled by
+    scalars rather than normalized every step, and Rayleigh–Ritz on the whitened block by two
+    batched ``p×p`` eigensolves (``degree + 4`` products and three reductions in all, for
+    any batch).
+
     ``gram=True`` forms the short-side Gram ``AᵀA`` once (one compute-bound product) and
     iterates with it: each step is then an ``s×s`` by ``s×p`` product instead of two thin
     products with ``A``, which run far below the matmul rate on CPUs (memory-bound). The
@@ -377,6 +319,11 @@ def top_singular_subspace(
     def chunk(_, V):
         return per_matrix(jnp.linalg.qr, jax.lax.fori_loop(0, 4, body, V))[0]
 
+    if gram and v0 is not None and chebyshev and int(iters) > 0 and not on_cpu():
+        # Accelerators: no loop, per-step norm or checked power step (see warm_block).
+        lam, short, Q = refine_warm_block(S, V, int(iters))
+        long = other_side(xa, short, lam)
+        return (jnp.sqrt(lam),) + ((short, long) if wide else (long, short)) + (Q,)
     V = unit_columns(V)
     if v0 is None:
         V = jax.lax.fori_loop(0, int(iters) // 4, chunk, V)

@@ -7,6 +7,7 @@ it is then exported as ``manifold_optax.<Name>``.
 """
 
 from manifold_optax.manifolds.base import SOLVERS as SOLVERS
+from manifold_optax.manifolds.base import BlockPlan as BlockPlan
 from manifold_optax.manifolds.base import Manifold as Manifold
 from manifold_optax.manifolds.base import PolishPlan as PolishPlan
 from manifold_optax.manifolds.base import Solution as Solution

@@ -98,6 +98,15 @@ class PolishPlan(NamedTuple):
     ok: Any  # [b] bool: the standard one is
 
 
+class BlockPlan(NamedTuple):
+    """A rescaling retraction deferred until the top singular pairs of every deferred leaf
+    of a step have been refined together, one batch per short-side Gram shape
+    (:meth:`Manifold.begin_retraction`, :meth:`Manifold.finish_block_retraction`)."""
+
+    S: Any  # [b, s, s] the short-side Gram of V
+    block: Any  # [b, s, p] the warm block
+
+
 def is_manifold(x) -> bool:
     """Whether ``x`` is a :class:`Manifold` (a leaf of a manifold spec)."""
     return isinstance(x, Manifold)
@@ -259,8 +268,15 @@ class Manifold:
         """``(X, aux, plan)``: the retracted point with ``plan = None``, or ``V`` itself and a
         :class:`PolishPlan` when the retraction is one polish step the transformation takes
         for all such leaves together (:meth:`polish_factor`, :meth:`apply_polish`,
-        :meth:`fallback_retraction`)."""
+        :meth:`fallback_retraction`), or a :class:`BlockPlan` when it is a rescaling by a top
+        singular value refined with every such leaf's (:meth:`finish_block_retraction`)."""
         return self.retract(V, aux), aux, None
+
+    def finish_block_retraction(self, V, lam, z, Q):
+        """``(X, aux)`` for a :class:`BlockPlan`: the retracted point and the refreshed
+        auxiliary state from the refined top eigenpair ``(λ, z)`` of ``plan.S`` and the
+        next warm block ``Q`` (:func:`~manifold_optax.linalg.warm_block.refine_warm_block`)."""
+        raise NotImplementedError
 
     def polish_factor(self, plan: PolishPlan, cheap: bool):
         """The ``m×m`` factor ``p(A)·inv_c`` of a deferred polish step."""

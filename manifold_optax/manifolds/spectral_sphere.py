@@ -7,9 +7,11 @@ from typing import Any, NamedTuple
 
 import jax.numpy as jnp
 
+from manifold_optax._platform import on_cpu
 from manifold_optax.linalg import per_matrix, singular_values, top_singular_subspace
+from manifold_optax.linalg.warm_block import other_side, short_side_gram
 from manifold_optax.manifolds._ops import HIGHEST, cross, inverse_gradient_scale, working
-from manifold_optax.manifolds.base import Manifold
+from manifold_optax.manifolds.base import BlockPlan, Manifold
 
 __all__ = ["SpectralSphere", "SpectralAux"]
 
@@ -45,7 +47,9 @@ class SpectralSphere(Manifold):
     filter (:func:`~manifold_optax.linalg.top_singular_subspace`): training drives many
     singular values up to ``r``, and a block resolves that cluster where a single power
     vector lags by its width. The estimate is a Rayleigh quotient (a lower bound), so
-    ``σ_max ≥ r`` after a step; ``benchmarks/spectral_accuracy.py`` measures how close.
+    ``σ_max ≥ r`` after a step; ``benchmarks/spectral_accuracy.py`` measures how close. On
+    accelerators the transformations refine the blocks of all layers whose short sides agree
+    as one batch (:meth:`begin_retraction`).
 
     Attributes:
       radius: ``r > 0``.
@@ -110,10 +114,12 @@ class SpectralSphere(Manifold):
         marks a zero ``G`` (its multiplier is kept; its ``Φ`` is the caller's to discard)."""
         u, v = self._top_vectors(W, aux)
         zero, inv_scale = inverse_gradient_scale(G)
-        Phi = msign_fn(
-            G * inv_scale[..., None, None] + (Y[..., None] * u)[..., :, None] * v[..., None, :]
-        )
-        c = jnp.einsum("...i,...ij,...j->...", u, Phi, v, precision=HIGHEST)
+        theta = u[..., :, None] * v[..., None, :]
+        Phi = msign_fn(G * inv_scale[..., None, None] + Y[..., None, None] * theta)
+        if on_cpu():
+            c = jnp.einsum("...i,...ij,...j->...", u, Phi, v, precision=HIGHEST)
+        else:  # one reduction where the products are two kernels
+            c = jnp.sum(Phi * theta, axis=(-2, -1))
         return Phi, jnp.where(zero, Y, Y - eta * c), zero
 
     def online_direction(self, G, W, Y, aux, eta, msign_fn, power_iters: int):
@@ -128,13 +134,37 @@ class SpectralSphere(Manifold):
         A zero gradient is folded into ``η`` (no pass over ``Φ``)."""
         Phi, Y, zero = self.online_dual_step(G, W, Y, aux, eta, msign_fn)
         lr = jnp.where(zero, 0.0, lr)
-        V = W - lr[..., None, None] * Phi
-        aux = self.update_aux(V, aux, power_iters)
-        return self.retract(V, aux), Y, aux, None
+        X, aux, plan = self.begin_retraction(W - lr[..., None, None] * Phi, aux, power_iters)
+        return X, Y, aux, plan
 
     def begin_retraction(self, V, aux, power_iters: int):
-        aux = self.update_aux(V, aux, power_iters)
-        return self.retract(V, aux), aux, None
+        """``r·V/σ̂`` with ``σ̂`` from the block iteration warm-started at ``aux``. On
+        accelerators (``mo.lowering_for``) a warm float32 step returns ``V`` and a
+        :class:`~manifold_optax.manifolds.BlockPlan` (the short-side Gram of ``V``): the
+        transformation refines every deferred leaf's block as one batch per Gram shape,
+        then calls :meth:`finish_block_retraction`."""
+        block = aux.v
+        if (
+            on_cpu()
+            or self.exact_norm
+            or not self.chebyshev
+            or power_iters < 1
+            or block is None
+            or block.shape[-2] != min(V.shape[-2:])
+            or working(V).dtype != jnp.float32
+        ):
+            aux = self.update_aux(V, aux, power_iters)
+            return self.retract(V, aux), aux, None
+        V = working(V)
+        return V, aux, BlockPlan(short_side_gram(V), block)
+
+    def finish_block_retraction(self, V, lam, z, Q):
+        """``(r·V/√λ, aux)`` from the refined top eigenpair ``(λ, z)`` of ``V``'s short-side
+        Gram (``z`` on the short side) and the next warm block ``Q``."""
+        other = other_side(V, z, lam)
+        u, vec = (z, other) if V.shape[-2] <= V.shape[-1] else (other, z)
+        aux = SpectralAux(v=Q, sigma=jnp.sqrt(lam), u=u, vec=vec)
+        return self.retract(V, aux), aux
 
     def norm2(self, W, aux=None):
         """``‖W‖₂``: exact (the top eigenvalue of the short-side Gram) with ``exact_norm``,

@@ -1,5 +1,5 @@
 """What the transformations share: which leaf gets which spec, leaves viewed as batches of
-matrices and grouped by shape, the per-leaf manifold state, and the deferred retraction.
+matrices and grouped by shape, and the per-leaf manifold state.
 
 A *spec* is given per leaf as a single value (applied to every leaf), a tree prefix of the
 parameters, or a callable ``params → such a tree``; :func:`leaf_specs` broadcasts it.
@@ -17,9 +17,9 @@ from manifold_optax._matrix import as_matrix, matrix_view
 from manifold_optax._platform import on_cpu
 from manifold_optax.labels import ambiguous_leaf_error, is_dim_nums, leaf_specs, path_to_str
 from manifold_optax.linalg import msign
-from manifold_optax.manifolds import SOLVERS, Manifold, PolishPlan, SolverConfig, is_manifold
+from manifold_optax.manifolds import SOLVERS, SolverConfig, is_manifold
 from manifold_optax.manifolds._ops import working
-from manifold_optax.sharding import replicate, run_replicated
+from manifold_optax.sharding import replicate
 
 __all__ = [
     "DEFAULT_INIT_TOLERANCE",
@@ -40,8 +40,6 @@ __all__ = [
     "view_specs",
     "update_leaves",
     "reshaped",
-    "Deferred",
-    "finish_deferred",
 ]
 
 #: Relative distance to the manifold above which ``init`` refuses the parameters.
@@ -324,69 +322,3 @@ def update_to(new, w, dtype, unview=None):
     back by ``unview``; else any shape of ``w``'s size), in the update's ``dtype``."""
     new = new.reshape(w.shape) if unview is None else unview(new)
     return (new.astype(w.dtype) - w).astype(dtype)
-
-
-class Deferred(NamedTuple):
-    """A leaf waiting for its retraction's polish step (:func:`finish_deferred`)."""
-
-    index: int  # the leaf's index in the update list
-    manifold: Manifold
-    V: jax.Array  # [b, rows, cols] float32: the point before the retraction
-    plan: PolishPlan
-    param: jax.Array  # the parameter W
-    dtype: Any  # the update's dtype
-    unview: Any = None  # the matrix view back to the parameter's layout
-
-
-def finish_deferred(pending: list[Deferred], out: list, sharding=None, group: bool = False):
-    """Write the updates ``R(V) − W`` of the deferred leaves into ``out``: one polish step
-    each, ``V·P`` with ``P`` the manifold's cheap factor if every matrix of the step certifies
-    it, else its standard one; only if the standard one too falls short for some matrix, the
-    manifold's fallback retraction for just those matrices.
-
-    Two conditionals for the whole step, not a switch per matrix (on GPU a conditional reads
-    its predicate back to the host). The first holds only the m×m factors, so the n×m×m
-    products run outside any conditional. Same-shape leaves polish as one batch when
-    ``group`` (:func:`run_grouped`)."""
-    if not pending:
-        return
-    # Both predicates from one reduction over every matrix's flags (one kernel, not one per
-    # leaf).
-    flags = jnp.stack(
-        [
-            jnp.concatenate([jnp.ravel(p.plan.cheap_ok) for p in pending]),
-            jnp.concatenate([jnp.ravel(p.plan.ok) for p in pending]),
-        ]
-    )
-    cheap_all, ok_all = jnp.all(flags, axis=1)
-    factors = jax.lax.cond(
-        cheap_all,
-        lambda plans: [
-            p.manifold.polish_factor(q, True) for p, q in zip(pending, plans, strict=True)
-        ],
-        lambda plans: [
-            p.manifold.polish_factor(q, False) for p, q in zip(pending, plans, strict=True)
-        ],
-        [p.plan for p in pending],
-    )
-    items = [((p.manifold, p.V.shape[1:]), (p.V, P)) for p, P in zip(pending, factors, strict=True)]
-    xs = [
-        X
-        for (X,) in run_grouped(
-            lambda key, V, P: (run_replicated(key[0].apply_polish, sharding, V, P),), items, group
-        )
-    ]
-
-    def fallback(arrays):
-        news = []
-        for p, (X, V) in zip(pending, arrays, strict=True):
-            R = run_replicated(p.manifold.fallback_retraction, sharding, V)
-            news.append(jnp.where(p.plan.ok.reshape(p.plan.ok.shape + (1, 1)), X, R))
-        return news
-
-    arrays = [(X, p.V) for X, p in zip(xs, pending, strict=True)]
-    # (The fallback runs only when the standard factor was taken: under the cheap one every
-    # matrix is certified.)
-    news = jax.lax.cond(cheap_all | ok_all, lambda a: [X for X, _ in a], fallback, arrays)
-    for X, p in zip(news, pending, strict=True):
-        out[p.index] = update_to(X, p.param, p.dtype, p.unview)

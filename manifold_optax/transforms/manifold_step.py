@@ -12,11 +12,10 @@ import optax
 from manifold_optax._placement import placed
 from manifold_optax.manifolds import SolverConfig
 from manifold_optax.sharding import run_replicated
+from manifold_optax.transforms._deferred import Deferred, finish_deferred
 from manifold_optax.transforms._leaves import (
     DEFAULT_INIT_TOLERANCE,
-    Deferred,
     LeafState,
-    finish_deferred,
     group_default,
     initial_leaves,
     matrix_items,
@@ -148,12 +147,13 @@ def manifold_step(
         new_u, new_s, pending = list(g_leaves), list(state.leaves), []
         for i, (new, y, aux, plan) in zip(where, run_grouped(fn, items, grouped), strict=True):
             w, ls, dtype = w_leaves[i], state.leaves[i], g_leaves[i].dtype
-            if plan is not None:  # polished below, all such leaves together
+            if plan is not None:  # retracted below, all such leaves together
                 pending.append(Deferred(i, manifolds[i], new, plan, w, dtype, unviews[i]))
             else:
                 new_u[i] = update_to(new, w, dtype, unviews[i])
             new_s[i] = LeafState(reshaped(y, ls.y), reshaped(aux, ls.aux))
-        finish_deferred(pending, new_u, sharding, grouped)
+        for i, aux in finish_deferred(pending, new_u, sharding, grouped, power_iters).items():
+            new_s[i] = LeafState(new_s[i].y, reshaped(aux, state.leaves[i].aux))
         count = optax.safe_increment(state.count)
         return jax.tree.unflatten(treedef, new_u), ManifoldStepState(count, tuple(new_s))
 

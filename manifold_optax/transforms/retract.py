@@ -13,9 +13,8 @@ from manifold_optax._placement import like_params, placed
 from manifold_optax.labels import path_to_str
 from manifold_optax.manifolds._ops import working
 from manifold_optax.sharding import run_replicated
+from manifold_optax.transforms._deferred import Deferred, finish_deferred
 from manifold_optax.transforms._leaves import (
-    Deferred,
-    finish_deferred,
     group_default,
     leaf_view,
     reshaped,
@@ -115,12 +114,13 @@ def retract(
             where, run_grouped(group_retract, items, grouped), strict=True
         ):
             w, u = w_leaves[i], u_leaves[i]
-            if plan is not None:  # polished below, all such leaves together
+            if plan is not None:  # retracted below, all such leaves together
                 pending.append(Deferred(i, manifolds[i], new, plan, w, u.dtype, unviews[i]))
             else:
                 out[i] = update_to(new, w, u.dtype, unviews[i])
             auxes[i] = reshaped(aux, state.aux[i])
-        finish_deferred(pending, out, sharding, grouped)
+        for i, aux in finish_deferred(pending, out, sharding, grouped, power_iters).items():
+            auxes[i] = reshaped(aux, state.aux[i])
         return jax.tree.unflatten(treedef, out), RetractState(tuple(auxes))
 
     return placed(optax.GradientTransformationExtraArgs(init_fn, update_fn), sharding)
