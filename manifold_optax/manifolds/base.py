@@ -101,7 +101,7 @@ class PolishPlan(NamedTuple):
 class BlockPlan(NamedTuple):
     """A rescaling retraction deferred until the top singular pairs of every deferred leaf
     of a step have been refined together, one batch per short-side Gram shape
-    (:meth:`Manifold.begin_retraction`, :meth:`Manifold.finish_block_retraction`)."""
+    (:meth:`Manifold.online_retracted_step`, :meth:`Manifold.finish_block_retraction`)."""
 
     S: Any  # [b, s, s] the short-side Gram of V
     block: Any  # [b, s, p] the warm block
@@ -268,8 +268,9 @@ class Manifold:
         """``(X, aux, plan)``: the retracted point with ``plan = None``, or ``V`` itself and a
         :class:`PolishPlan` when the retraction is one polish step the transformation takes
         for all such leaves together (:meth:`polish_factor`, :meth:`apply_polish`,
-        :meth:`fallback_retraction`), or a :class:`BlockPlan` when it is a rescaling by a top
-        singular value refined with every such leaf's (:meth:`finish_block_retraction`)."""
+        :meth:`fallback_retraction`). :meth:`online_retracted_step` may also return a
+        :class:`BlockPlan`: a rescaling by a top singular value refined with every such
+        leaf's (:meth:`finish_block_retraction`)."""
         return self.retract(V, aux), aux, None
 
     def finish_block_retraction(self, V, lam, z, Q):

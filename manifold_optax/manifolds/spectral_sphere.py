@@ -48,8 +48,8 @@ class SpectralSphere(Manifold):
     singular values up to ``r``, and a block resolves that cluster where a single power
     vector lags by its width. The estimate is a Rayleigh quotient (a lower bound), so
     ``σ_max ≥ r`` after a step; ``benchmarks/spectral_accuracy.py`` measures how close. On
-    accelerators the transformations refine the blocks of all layers whose short sides agree
-    as one batch (:meth:`begin_retraction`).
+    accelerators the fused online step refines the blocks of all layers whose short sides
+    agree as one batch (:meth:`online_retracted_step`).
 
     Attributes:
       radius: ``r > 0``.
@@ -134,18 +134,25 @@ class SpectralSphere(Manifold):
         A zero gradient is folded into ``η`` (no pass over ``Φ``)."""
         Phi, Y, zero = self.online_dual_step(G, W, Y, aux, eta, msign_fn)
         lr = jnp.where(zero, 0.0, lr)
-        X, aux, plan = self.begin_retraction(W - lr[..., None, None] * Phi, aux, power_iters)
+        V = W - lr[..., None, None] * Phi
+        X, aux, plan = self._begin(V, aux, power_iters, defer=True)
         return X, Y, aux, plan
 
     def begin_retraction(self, V, aux, power_iters: int):
-        """``r·V/σ̂`` with ``σ̂`` from the block iteration warm-started at ``aux``. On
-        accelerators (``mo.lowering_for``) a warm float32 step returns ``V`` and a
-        :class:`~manifold_optax.manifolds.BlockPlan` (the short-side Gram of ``V``): the
-        transformation refines every deferred leaf's block as one batch per Gram shape,
-        then calls :meth:`finish_block_retraction`."""
+        """``r·V/σ̂`` with ``σ̂`` from the block iteration warm-started at ``aux``."""
+        return self._begin(V, aux, power_iters, defer=False)
+
+    def _begin(self, V, aux, power_iters: int, defer: bool):
+        """With ``defer``, on accelerators (``mo.lowering_for``), a warm float32 step returns
+        ``V`` and a :class:`~manifold_optax.manifolds.BlockPlan` (the short-side Gram of
+        ``V``): the transformation refines every deferred leaf's block as one batch per Gram
+        shape, then calls :meth:`finish_block_retraction`. The fused online step defers; the
+        iterative solvers' steps and ``mo.retract`` refine per group of same-shape
+        matrices."""
         block = aux.v
         if (
-            on_cpu()
+            not defer
+            or on_cpu()
             or self.exact_norm
             or not self.chebyshev
             or power_iters < 1
