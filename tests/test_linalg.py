@@ -352,15 +352,10 @@ def test_top_eigvec_squarings_do_not_underflow_on_a_flat_spectrum(p):
     assert abs(abs(c @ Q[:, 0]) - 1) < 1e-4
 
 
-@pytest.mark.parametrize("duplicate", [False, True])
-def test_matmul_only_rayleigh_ritz_resolves_a_cluster(duplicate):
-    # S with a top cluster 1, 1 − 1e-5, 1 − 2e-5, … (closer than any fixed number of power
-    # steps separates) and a block that contains the top eigenvector among 7 other directions.
-    # The Ritz value must be λ₁ to float32 accuracy (2e-7 relative; the squaring's bound is
-    # p/(2e·2²⁴) = 2e-7), and the vector must be the top one. With a duplicated column the
-    # Gram of the block is singular: the shifted Cholesky must still give finite results.
-    from manifold_optax.linalg.spectral import _ritz_top
-
+def _cluster(duplicate: bool):
+    """``(S, V, E)``: S = E·diag(λ)·Eᵀ (64×64) with a top cluster 1, 1 − 1e-5, 1 − 2e-5, …
+    and a block V spanning the top eigenvector among 7 other eigenvectors (plus a copy of its
+    first column when ``duplicate``)."""
     rng = np.random.default_rng(1)
     s, p = 64, 8
     E, _ = np.linalg.qr(rng.standard_normal((s, s)))
@@ -370,6 +365,19 @@ def test_matmul_only_rayleigh_ritz_resolves_a_cluster(duplicate):
     V = E[:, [0, 3, 5, 9, 14, 20, 30, 40]] @ mix
     if duplicate:
         V = np.concatenate([V, V[:, :1]], axis=1)
+    return S, V, E
+
+
+@pytest.mark.parametrize("duplicate", [False, True])
+def test_matmul_only_rayleigh_ritz_resolves_a_cluster(duplicate):
+    # S with a top cluster 1, 1 − 1e-5, 1 − 2e-5, … (closer than any fixed number of power
+    # steps separates) and a block that contains the top eigenvector among 7 other directions.
+    # The Ritz value must be λ₁ to float32 accuracy (2e-7 relative; the squaring's bound is
+    # p/(2e·2²⁴) = 2e-7), and the vector must be the top one. With a duplicated column the
+    # Gram of the block is singular: the shifted Cholesky must still give finite results.
+    from manifold_optax.linalg.spectral import _ritz_top
+
+    S, V, E = _cluster(duplicate)
     lam1, z, Q = _ritz_top(jnp.asarray(V, jnp.float32), jnp.asarray(S @ V, jnp.float32))
     assert np.isfinite(np.asarray(Q)).all()
     assert abs(float(lam1) - 1.0) < 2e-7, float(lam1)
@@ -385,15 +393,7 @@ def test_accelerator_rayleigh_ritz_resolves_a_cluster_and_a_zero_matrix(duplicat
     # stays finite. A zero matrix gives λ = 0 and a unit vector.
     from manifold_optax.linalg.warm_block import refine_warm_block
 
-    rng = np.random.default_rng(1)
-    s, p = 64, 8
-    E, _ = np.linalg.qr(rng.standard_normal((s, s)))
-    lam = np.concatenate([1 - 1e-5 * np.arange(12), 0.5 * rng.random(s - 12)])
-    S = (E * lam) @ E.T
-    mix, _ = np.linalg.qr(rng.standard_normal((p, p)))
-    V = E[:, [0, 3, 5, 9, 14, 20, 30, 40]] @ mix
-    if duplicate:
-        V = np.concatenate([V, V[:, :1]], axis=1)
+    S, V, E = _cluster(duplicate)
     for degree in (1, 6):
         lam1, z, Q = refine_warm_block(
             jnp.asarray(S, jnp.float32), jnp.asarray(V, jnp.float32), degree
