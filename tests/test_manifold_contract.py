@@ -202,7 +202,7 @@ def test_training_keeps_params_on_manifold(m, tol, rng):
         (mo.Stiefel(), 1e-6, None, "cpu"),
         (mo.Sphere(3.0), 1e-6, None, "cpu"),
         (mo.SpectralSphere(2.0), 2e-5, None, "cpu"),
-        (mo.SpectralSphere(2.0), 2e-5, None, "gpu"),
+        pytest.param(mo.SpectralSphere(2.0), 2e-5, None, "gpu", marks=pytest.mark.slow),
         pytest.param(mo.Stiefel(), 1e-6, jnp.bfloat16, "cpu", marks=pytest.mark.slow),
     ],
     ids=["Stiefel", "Sphere", "SpectralSphere", "SpectralSphere-accelerator", "Stiefel-bfloat16"],
