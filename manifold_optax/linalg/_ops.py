@@ -20,6 +20,7 @@ __all__ = [
     "left",
     "per_matrix",
     "unroll_fixed_loops",
+    "sums",
 ]
 
 
@@ -96,3 +97,18 @@ def unroll_fixed_loops() -> bool:
     off CPU, where XLA runs a while loop by reading its predicate back to the host every
     iteration (a stall per iteration). XLA:CPU has no such stall and keeps the loops."""
     return not on_cpu()
+
+
+def sums(*xs, axis=(-2, -1), fused: bool | None = None):
+    """``Σ`` over ``axis`` of each of the same-shape ``xs``. ``fused`` (default: off CPU): one
+    variadic reduction (one kernel for all of them); else one reduction each, as XLA:CPU runs
+    them equally fast."""
+    if fused is None:
+        fused = not on_cpu()
+    if not fused or len(xs) == 1:
+        return tuple(jnp.sum(x, axis=axis) for x in xs)
+    dims = tuple(sorted(a % xs[0].ndim for a in axis))
+    zeros = tuple(jnp.zeros((), x.dtype) for x in xs)
+    return jax.lax.reduce(
+        tuple(xs), zeros, lambda a, b: tuple(p + q for p, q in zip(a, b, strict=True)), dims
+    )

@@ -14,7 +14,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from manifold_optax.linalg._ops import matmul_tn
+from manifold_optax.linalg._ops import matmul_tn, sums
 
 __all__ = ["short_side_gram", "refine_warm_block", "other_side"]
 
@@ -45,12 +45,7 @@ def _chebyshev(S, V, degree: int):
     scaled filter), so the block stays of the order of ``(λ₁/q)^k`` with no reduction per
     step. The two reductions that give ``b`` and ``q`` are the filter's only ones."""
     SV = jnp.matmul(S, V, precision=HIGHEST)
-    vv, vsv = jax.lax.reduce(
-        (V * V, V * SV),
-        (jnp.zeros((), V.dtype), jnp.zeros((), V.dtype)),
-        lambda a, c: (a[0] + c[0], a[1] + c[1]),
-        (V.ndim - 2,),
-    )
+    vv, vsv = sums(V * V, V * SV, axis=(-2,), fused=True)
     q = vsv / jnp.where(vv > 0, vv, 1.0)  # [*b, p] the columns' Rayleigh quotients
     # (Zero columns count in the mean: b only has to stay below λ₁.)
     b, top = jax.lax.reduce(
@@ -121,12 +116,7 @@ def refine_warm_block(S, V, degree: int):
         "...ip,...p->...i", jnp.stack([Q, SQ], axis=-3), c[..., None, :], precision=HIGHEST
     )
     z, Sz = zs[..., 0, :], zs[..., 1, :]
-    zz, zsz = jax.lax.reduce(
-        (z * z, z * Sz),
-        (jnp.zeros((), z.dtype), jnp.zeros((), z.dtype)),
-        lambda a, b: (a[0] + b[0], a[1] + b[1]),
-        (z.ndim - 1,),
-    )
+    zz, zsz = sums(z * z, z * Sz, axis=(-1,), fused=True)
     ok = zz > 0
     lam = jnp.where(ok, jnp.maximum(zsz, 0.0) / jnp.where(ok, zz, 1.0), 0.0)
     e0 = jnp.zeros_like(z).at[..., 0].set(1.0)

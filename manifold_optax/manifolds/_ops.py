@@ -13,7 +13,7 @@ import jax.numpy as jnp
 
 from manifold_optax._platform import on_cpu
 from manifold_optax.linalg import matmul_tn
-from manifold_optax.linalg._ops import accum_dtype
+from manifold_optax.linalg._ops import accum_dtype, sums
 
 __all__ = [
     "HIGHEST",
@@ -80,19 +80,6 @@ def inner(a, b):
 def fro(a):
     """``‖A‖_F`` per matrix."""
     return jnp.sqrt(inner(a, a))
-
-
-def sums(*xs, axis=(-2, -1)):
-    """``Σ`` over ``axis`` of each of the same-shape ``xs``. Off CPU one variadic reduction
-    (one kernel for all of them); on CPU one reduction each, as XLA:CPU runs them equally
-    fast."""
-    if on_cpu() or len(xs) == 1:
-        return tuple(jnp.sum(x, axis=axis) for x in xs)
-    dims = tuple(sorted(a % xs[0].ndim for a in axis))
-    zeros = tuple(jnp.zeros((), x.dtype) for x in xs)
-    return jax.lax.reduce(
-        tuple(xs), zeros, lambda a, b: tuple(p + q for p, q in zip(a, b, strict=True)), dims
-    )
 
 
 def inverse_gradient_scale(G, gg=None):

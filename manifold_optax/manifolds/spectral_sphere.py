@@ -135,35 +135,33 @@ class SpectralSphere(Manifold):
         Phi, Y, zero = self.online_dual_step(G, W, Y, aux, eta, msign_fn)
         lr = jnp.where(zero, 0.0, lr)
         V = W - lr[..., None, None] * Phi
-        X, aux, plan = self._begin(V, aux, power_iters, defer=True)
+        if self._defers(V, aux, power_iters):
+            V = working(V)
+            return V, Y, aux, BlockPlan(short_side_gram(V), aux.v)
+        X, aux, plan = self.begin_retraction(V, aux, power_iters)
         return X, Y, aux, plan
 
     def begin_retraction(self, V, aux, power_iters: int):
         """``r·V/σ̂`` with ``σ̂`` from the block iteration warm-started at ``aux``."""
-        return self._begin(V, aux, power_iters, defer=False)
+        aux = self.update_aux(V, aux, power_iters)
+        return self.retract(V, aux), aux, None
 
-    def _begin(self, V, aux, power_iters: int, defer: bool):
-        """With ``defer``, on accelerators (``mo.lowering_for``), a warm float32 step returns
+    def _defers(self, V, aux, power_iters: int) -> bool:
+        """Whether the fused online step defers its retraction: on accelerators
+        (``mo.lowering_for``), for a warm float32 step with the Chebyshev filter, it returns
         ``V`` and a :class:`~manifold_optax.manifolds.BlockPlan` (the short-side Gram of
-        ``V``): the transformation refines every deferred leaf's block as one batch per Gram
-        shape, then calls :meth:`finish_block_retraction`. The fused online step defers; the
-        iterative solvers' steps and ``mo.retract`` refine per group of same-shape
-        matrices."""
-        block = aux.v
-        if (
-            not defer
-            or on_cpu()
+        ``V``); the transformation refines every deferred leaf's block as one batch per Gram
+        shape, then calls :meth:`finish_block_retraction`. The iterative solvers' steps and
+        ``mo.retract`` refine per group of same-shape matrices (:meth:`begin_retraction`)."""
+        return not (
+            on_cpu()
             or self.exact_norm
             or not self.chebyshev
             or power_iters < 1
-            or block is None
-            or block.shape[-2] != min(V.shape[-2:])
+            or aux.v is None
+            or aux.v.shape[-2] != min(V.shape[-2:])
             or working(V).dtype != jnp.float32
-        ):
-            aux = self.update_aux(V, aux, power_iters)
-            return self.retract(V, aux), aux, None
-        V = working(V)
-        return V, aux, BlockPlan(short_side_gram(V), block)
+        )
 
     def finish_block_retraction(self, V, lam, z, Q):
         """``(r·V/√λ, aux)`` from the refined top eigenpair ``(λ, z)`` of ``V``'s short-side

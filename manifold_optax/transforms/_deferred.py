@@ -34,9 +34,9 @@ class Deferred(NamedTuple):
 
 def _finish_polish(pending: list[Deferred], out: list, sharding, group: bool):
     """Write the updates ``R(V) − W`` of leaves deferred with a :class:`PolishPlan`: one
-    polish step each, ``V·P`` with ``P`` the manifold's cheap factor if every matrix of the step certifies
-    it, else its standard one; only if the standard one too falls short for some matrix, the
-    manifold's fallback retraction for just those matrices.
+    polish step each, ``V·P`` with ``P`` the manifold's cheap factor if every matrix of the
+    step certifies it, else its standard one; only if the standard one too falls short for
+    some matrix, the manifold's fallback retraction for just those matrices.
 
     Two conditionals for the whole step, not a switch per matrix (on GPU a conditional reads
     its predicate back to the host). The first holds only the m×m factors, so the n×m×m
