@@ -3,6 +3,7 @@
 from manifold_optax import manifolds
 from manifold_optax._platform import lowering_for
 from manifold_optax.alias import manifold_muon, muon, trust_region
+from manifold_optax.attention import attention_with_max_logits, max_attention_logits
 from manifold_optax.flax_specs import flax_dimension_numbers
 from manifold_optax.labels import MatrixSpec, MuonDimensionNumbers, label_params, path_to_str
 from manifold_optax.linalg import (
@@ -30,6 +31,7 @@ from manifold_optax.transforms import (
     momentum,
     orthogonalize,
     project_params,
+    qk_clip,
     resolve_manifolds,
     retract,
     scale_by_modular_norm,
@@ -81,4 +83,7 @@ __all__ = [
     "flax_dimension_numbers",
     "label_params",
     "path_to_str",
+    "qk_clip",
+    "max_attention_logits",
+    "attention_with_max_logits",
 ]

@@ -20,6 +20,7 @@ from manifold_optax.transforms.manifold_step import ManifoldStepState, manifold_
 from manifold_optax.transforms.modular import scale_by_modular_norm, scale_by_shape
 from manifold_optax.transforms.momentum import MomentumState, momentum
 from manifold_optax.transforms.orthogonalize import orthogonalize
+from manifold_optax.transforms.qk_clip import qk_clip
 from manifold_optax.transforms.retract import RetractState, project_params, retract
 
 __all__ = [
@@ -42,4 +43,5 @@ __all__ = [
     "manifold_step",
     "project_params",
     "diagnostics",
+    "qk_clip",
 ]
