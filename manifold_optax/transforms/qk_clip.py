@@ -22,7 +22,7 @@ def _key(path) -> tuple[str, ...]:
             if k.name != "value":
                 out.append(k.name)
         elif isinstance(k, jax.tree_util.DictKey):
-            out.append(str(k.key))
+            out.extend(str(k.key).split("/"))  # {"blocks/0/attn": S} names a module too
         elif isinstance(k, jax.tree_util.SequenceKey):
             out.append(str(k.idx))
         elif isinstance(k, jax.tree_util.FlattenedIndexKey):
