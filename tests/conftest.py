@@ -14,6 +14,14 @@ if not os.environ.get("MANIFOLD_OPTAX_TEST_FULL_OPT"):
     ).strip()
     os.environ["JAX_DISABLE_MOST_OPTIMIZATIONS"] = "1"
 
+# JAX's persistent compilation cache is off unless JAX_COMPILATION_CACHE_DIR names a folder.
+# Under pytest-xdist (the README's `-n auto`) each worker then gets a folder of its own, so no
+# two processes of one run share a cache.
+if os.environ.get("PYTEST_XDIST_WORKER") and os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = os.path.join(
+        os.environ["JAX_COMPILATION_CACHE_DIR"], os.environ["PYTEST_XDIST_WORKER"]
+    )
+
 import numpy as np
 import pytest
 from hypothesis import settings

@@ -13,6 +13,10 @@ from manifold_optax import sharding as S
 
 ROOT = pathlib.Path(__file__).parents[1]
 
+# Under pytest-xdist, the whole module runs on one worker: its module-scoped fixtures start a
+# subprocess each, once rather than once per worker.
+pytestmark = pytest.mark.xdist_group("sharding_subprocesses")
+
 
 @pytest.fixture(scope="module")
 def sharded_rows(tmp_path_factory):
