@@ -244,14 +244,14 @@ def qk_clip(
             s = s.astype(jnp.promote_types(s.dtype, jnp.float32))
             clip = jnp.isfinite(s) & (s > tau)
             gamma = jnp.where(clip, tau / jnp.where(clip, s, 1.0), 1.0)
-            targets = [(qk, False, heads, gamma if shared else jnp.sqrt(gamma), clip)]
+            targets = [(qk, False, gamma if shared else jnp.sqrt(gamma))]
             if qb is not None:
-                targets.append((qb, True, heads, targets[0][3], clip))
+                targets.append((qb, True, targets[0][2]))
             if not shared:
-                targets.append((kk, False, heads, jnp.sqrt(gamma), clip))
+                targets.append((kk, False, jnp.sqrt(gamma)))
                 if kb is not None:
-                    targets.append((kb, True, heads, jnp.sqrt(gamma), clip))
-            for i, is_bias, h, scale, mask in targets:
+                    targets.append((kb, True, jnp.sqrt(gamma)))
+            for i, is_bias, scale in targets:
                 where = _name(keys[i])
                 if manifolds is not None and manifolds[i] is not None:
                     raise ValueError(
@@ -259,7 +259,7 @@ def qk_clip(
                         f"{manifolds[i]!r}: rescaling moves it off; leave it off the manifold "
                         "or bound its logits with a spectral sphere instead of qk_clip"
                     )
-                u[i] = _rescaled(u[i], w[i], scale, mask, h, head_dim, batch, is_bias, where)
+                u[i] = _rescaled(u[i], w[i], scale, clip, heads, head_dim, batch, is_bias, where)
         return jax.tree_util.tree_unflatten(treedef, u), state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
