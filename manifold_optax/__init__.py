@@ -2,10 +2,16 @@
 
 from manifold_optax import manifolds
 from manifold_optax._platform import lowering_for
-from manifold_optax.alias import manifold_muon, muon, trust_region
+from manifold_optax.alias import muon
 from manifold_optax.attention import attention_with_max_logits, max_attention_logits
 from manifold_optax.flax_specs import flax_dimension_numbers
-from manifold_optax.labels import MatrixSpec, MuonDimensionNumbers, label_params, path_to_str
+from manifold_optax.labels import (
+    DEFAULT_FALLBACK_PATTERNS,
+    MatrixSpec,
+    MuonDimensionNumbers,
+    label_params,
+    path_to_str,
+)
 from manifold_optax.linalg import (
     msign,
     msign_svd,
@@ -14,6 +20,7 @@ from manifold_optax.linalg import (
     spectral_norm,
     top_singular_pair,
 )
+from manifold_optax.manifold_alias import manifold_muon
 from manifold_optax.manifolds import *  # noqa: F403  (Manifold, SolverConfig, each manifold)
 from manifold_optax.norms import NORMS, dual_norm, dualize_array, primal_norm
 from manifold_optax.schedules import get_schedule, polar_express_coefficients
@@ -37,6 +44,7 @@ from manifold_optax.transforms import (
     scale_by_modular_norm,
     scale_by_shape,
 )
+from manifold_optax.trust_region import trust_region
 
 __version__ = "0.3.0"
 
@@ -83,6 +91,7 @@ __all__ = [
     "flax_dimension_numbers",
     "label_params",
     "path_to_str",
+    "DEFAULT_FALLBACK_PATTERNS",
     "qk_clip",
     "max_attention_logits",
     "attention_with_max_logits",

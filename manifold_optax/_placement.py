@@ -24,6 +24,7 @@ replicated.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 import threading
 
@@ -208,12 +209,33 @@ def _placing():
         _local.depth -= 1
 
 
+def _accepting_extra_args(tx):
+    """``tx`` whose ``update`` takes (and ignores, if its own function has no ``**kwargs``)
+    the extra keyword arguments that ``optax.chain`` passes to every member, e.g. the
+    ``max_logits=`` of a :func:`~manifold_optax.qk_clip` later in the chain."""
+    try:
+        takes = any(
+            p.kind is inspect.Parameter.VAR_KEYWORD
+            for p in inspect.signature(tx.update).parameters.values()
+        )
+    except (TypeError, ValueError):
+        takes = True
+    if takes:
+        return tx
+
+    def update_fn(updates, state, params=None, **extra):
+        del extra
+        return tx.update(updates, state, params)
+
+    return optax.GradientTransformationExtraArgs(tx.init, update_fn)
+
+
 def placed(tx, strategy=None) -> optax.GradientTransformationExtraArgs:
     """``tx`` whose updates and state are placed like the parameters (module docstring), on
     meshes with Explicit or Auto axes; ``strategy`` is the optimizer's ``MsignSharding``.
     Inside another placed transformation (a building block of ``manifold_muon``) it is
     ``tx`` itself: the outermost one places."""
-    tx = optax.with_extra_args_support(tx)
+    tx = _accepting_extra_args(optax.with_extra_args_support(tx))
     axes = None if strategy is None else strategy.owner_axes
 
     def init_fn(params):

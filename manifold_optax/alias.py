@@ -1,31 +1,40 @@
-"""Ready optimizers: ``muon``, ``manifold_muon`` and ``trust_region``."""
+"""Muon for a whole parameter tree: the matrices by steepest descent under the spectral norm,
+everything else by AdamW, with ``optax.contrib.muon``'s keywords."""
 
 from __future__ import annotations
 
-import re
+import inspect
 from collections.abc import Sequence
 
-import jax
 import optax
 
-from manifold_optax import norms as _norms
 from manifold_optax._checks import checked
-from manifold_optax.labels import FALLBACK, MATRIX, label_params, path_to_str
-from manifold_optax.transforms import (
-    DEFAULT_INIT_TOLERANCE,
-    dualize,
-    manifold_step,
-    momentum,
-    orthogonalize,
-    resolve_manifolds,
-    scale_by_shape,
-)
-from manifold_optax.transforms._leaves import view_specs
+from manifold_optax.labels import DEFAULT_FALLBACK_PATTERNS, FALLBACK, MATRIX, label_params
+from manifold_optax.transforms import momentum, orthogonalize, scale_by_shape
 
-__all__ = ["muon", "manifold_muon", "trust_region", "adamw_fallback", "param_labels_fn"]
+__all__ = [
+    "muon",
+    "muon_arguments",
+    "build_muon",
+    "muon_chain",
+    "adamw_fallback",
+    "param_labels_fn",
+    "PRECONDITIONINGS",
+]
+
+#: optax.contrib.muon's ``preconditioning`` names → :func:`~manifold_optax.msign`'s
+#: ``normalization``.
+PRECONDITIONINGS = {
+    "frobenius": "frobenius",
+    "spectral": "spectral",
+    "aol": "aol",
+    "schatten": "schatten4",
+}
 
 
-def param_labels_fn(weight_dimension_numbers=None, fallback_patterns: Sequence[str] = ()):
+def param_labels_fn(
+    weight_dimension_numbers=None, fallback_patterns: Sequence[str] = DEFAULT_FALLBACK_PATTERNS
+):
     """A callable ``params → labels`` for :func:`optax.partition` (see :func:`label_params`)."""
 
     def fn(params):
@@ -46,6 +55,7 @@ def adamw_fallback(
     eps=1e-8,
     eps_root=0.0,
     weight_decay=0.0,
+    weight_decay_mask=None,
     mu_dtype=None,
     nesterov=True,
 ):
@@ -57,34 +67,94 @@ def adamw_fallback(
         eps=eps,
         eps_root=eps_root,
         weight_decay=weight_decay,
+        mask=weight_decay_mask,
         mu_dtype=mu_dtype,
         nesterov=nesterov,
     )
 
 
+def _normalization(normalization, preconditioning):
+    if preconditioning is None:
+        return normalization
+    if preconditioning not in PRECONDITIONINGS:
+        raise ValueError(
+            f"preconditioning must be one of {tuple(PRECONDITIONINGS)}, got {preconditioning!r}"
+        )
+    return PRECONDITIONINGS[preconditioning]
+
+
+def _dims(weight_dimension_numbers, muon_weight_dimension_numbers):
+    if muon_weight_dimension_numbers is None:
+        return weight_dimension_numbers
+    if weight_dimension_numbers is not None:
+        raise ValueError(
+            "give weight_dimension_numbers or its optax name muon_weight_dimension_numbers, "
+            "not both"
+        )
+    return muon_weight_dimension_numbers
+
+
+def muon_chain(learning_rate, middle=(), *, scale=None, **kw):
+    """Muon's matrix chain with ``middle`` transformations after the msign: momentum →
+    :func:`orthogonalize` → ``*middle`` → ``scale`` (default :func:`scale_by_shape`) →
+    decoupled weight decay → learning rate. ``kw`` are :func:`muon`'s matrix keywords."""
+    dims = kw["weight_dimension_numbers"]
+    if scale is None:
+        scale = scale_by_shape(dims, kw["consistent_rms"])
+    return optax.chain(
+        momentum(
+            kw["beta"],
+            nesterov=kw["nesterov"],
+            bias_correction=kw["bias_correction"],
+            mu_dtype=kw["mu_dtype"],
+        ),
+        orthogonalize(
+            kw["ns_steps"],
+            kw["ns_coeffs"],
+            dims,
+            normalization=kw["normalization"],
+            precision=kw["precision"],
+            eps=kw["eps"],
+            compute_dtype=kw["compute_dtype"],
+            group=kw["group"],
+            ns_method=kw["ns_method"],
+            sharding=kw["sharding"],
+            adaptive=kw["adaptive"],
+        ),
+        *middle,
+        scale,
+        optax.add_decayed_weights(kw["weight_decay"], kw["weight_decay_mask"]),
+        optax.scale_by_learning_rate(learning_rate),
+    )
+
+
 def muon(
     learning_rate: optax.ScalarOrSchedule,
-    *,
-    ns_steps: int | None = None,
     ns_coeffs="polar_express",
-    normalization: str = "schatten8",
+    ns_steps: int | None = None,
     beta: float = 0.95,
-    nesterov: bool = True,
-    bias_correction: bool = True,
+    eps: float = 1e-8,
     weight_decay: float = 0.0,
     weight_decay_mask=None,
     mu_dtype=None,
-    consistent_rms: float | None = None,
-    weight_dimension_numbers=None,
-    fallback_patterns: Sequence[str] = (),
-    adam_learning_rate: optax.ScalarOrSchedule | None = None,
+    *,
+    nesterov: bool = True,
+    adaptive: bool = False,
+    preconditioning: str | None = None,
     adam_b1: float = 0.9,
     adam_b2: float = 0.999,
-    adam_eps: float = 1e-8,
     adam_eps_root: float = 0.0,
     adam_weight_decay: float = 0.0,
+    adam_learning_rate: optax.ScalarOrSchedule | None = None,
+    muon_weight_dimension_numbers=None,
+    consistent_rms: float | None = None,
+    normalization: str = "schatten8",
+    bias_correction: bool = True,
+    weight_dimension_numbers=None,
+    fallback_patterns: Sequence[str] = DEFAULT_FALLBACK_PATTERNS,
+    adam_eps: float | None = None,
     adam_nesterov: bool | None = None,
-    eps: float = 1e-8,
+    adam_weight_decay_mask=None,
     precision=None,
     compute_dtype=None,
     group: bool | None = None,
@@ -94,41 +164,68 @@ def muon(
     r"""Muon for the whole parameter tree: steepest descent under the spectral norm for the
     matrices, AdamW for everything else.
 
+    .. math::
+
+       m ← βm + (1−β)g,\qquad
+       W ← W − η\,\bigl(\sqrt{\max(1, d_{out}/d_{in})}\,\operatorname{msign}(\hat m) + λW\bigr)
+
     Matrix leaves: :func:`momentum` → :func:`orthogonalize` (``msign``) → :func:`scale_by_shape`
-    → decoupled weight decay → learning rate, i.e.
-    ``W ← W − η·(√max(1, d_out/d_in)·msign(m̂) + λW)``. Other leaves: AdamW.
+    → decoupled weight decay → learning rate. Other leaves: AdamW.
 
     Which leaf is a matrix (:func:`~manifold_optax.label_params`): with
     ``weight_dimension_numbers`` (a spec tree such as
     :func:`~manifold_optax.flax_dimension_numbers`'s, or a callable) the leaves with a spec,
     viewed as the spec says (conv kernels, attention projections, stacked layers); without
     one, the 2-D leaves (a leaf with more axes is ambiguous and raises ValueError naming it).
-    Any path matching a regex in ``fallback_patterns`` (e.g. ``"embed"``, ``"head"``) goes to
-    AdamW.
+    A path whose components match ``fallback_patterns`` (by default embeddings and output
+    heads, :data:`~manifold_optax.labels.DEFAULT_FALLBACK_PATTERNS`) goes to AdamW.
 
-    ``ns_steps=None`` means the schedule's default (5). Under ``optax.inject_hyperparams`` any
-    explicitly given ``ns_steps`` must be listed in ``static_args``; the learning rates, ``beta``
-    and the weight decays can be injected (changed without recompiling).
-
-    Speed: same-shape matrices share one batched msign on GPU/TPU (``group``), rectangular
-    ones use Gram Newton–Schulz, ``compute_dtype=jnp.bfloat16`` runs the matmuls in bfloat16;
-    ``sharding=MsignSharding(mesh, ...)`` places them on many devices.
-
-    Parity with ``optax.contrib.muon``: ``ns_coeffs=(3.4445, -4.7750, 2.0315)``,
-    ``normalization="frobenius"`` (defaults here are 5 Polar Express steps with Schatten-8
-    normalization, which reach closer to the polar factor at the same cost).
+    A drop-in for ``optax.contrib.muon``: the same positional order and keywords
+    (``muon_weight_dimension_numbers``, ``adaptive``, ``preconditioning``, the ``adam_*``
+    options, ``ns_coeffs="standard"`` or ``"dion"``). Its defaults differ in three places,
+    each a keyword away from optax's settings: the schedule (5 Polar Express steps, which
+    reach closer to the polar factor at the same cost; optax: ``ns_coeffs="standard"``), the
+    normalization (Schatten-8; optax: ``preconditioning="frobenius"``) and
+    ``fallback_patterns`` (optax: ``()``). Under ``optax.inject_hyperparams`` an explicitly
+    given ``ns_steps`` must be listed in ``static_args``; the learning rates, ``beta`` and the
+    weight decays can be injected.
 
     Args:
       learning_rate: ``η`` of the matrices (a float or schedule).
-      ns_steps, ns_coeffs, normalization, eps, precision, compute_dtype, ns_method: the msign
-        (:func:`~manifold_optax.msign`).
-      beta, nesterov, bias_correction, mu_dtype: the momentum (:func:`momentum`).
-      weight_decay, weight_decay_mask: decoupled weight decay ``λ`` of the matrices.
-      consistent_rms: scale updates to this RMS instead (:func:`scale_by_shape`).
-      weight_dimension_numbers, fallback_patterns: which leaves are matrices (see above).
-      adam_*: the AdamW of the other leaves (``adam_learning_rate`` defaults to
-        ``learning_rate``).
-      group, sharding: batching of same-shape matrices and the many-device strategy.
+      ns_coeffs: the Newton–Schulz schedule: ``"polar_express"``, ``"jordan"`` (optax's
+        ``"standard"``), ``"you"`` (optax's ``"dion"``), or a ``(k, 3)`` table.
+      ns_steps: Newton–Schulz steps (``None``: the schedule's default, 5).
+      beta: the momentum's decay rate.
+      eps: the msign's denominator guard (and AdamW's ``eps`` unless ``adam_eps`` is given,
+        as in optax).
+      weight_decay: decoupled weight decay ``λ`` of the matrices.
+      weight_decay_mask: a tree or callable of booleans restricting ``weight_decay``.
+      mu_dtype: dtype of the first moments (Muon's and AdamW's).
+      nesterov: Nesterov momentum (and AdamW's, unless ``adam_nesterov`` is given).
+      adaptive: scale each direction by ``⟨m̂, msign(m̂)⟩`` (see :func:`orthogonalize`).
+      preconditioning: optax's name for the normalization (``"frobenius"``, ``"spectral"``,
+        ``"aol"``, ``"schatten"``); overrides ``normalization`` when given.
+      adam_b1: AdamW's first-moment decay.
+      adam_b2: AdamW's second-moment decay.
+      adam_eps_root: AdamW's ``eps_root``.
+      adam_weight_decay: AdamW's decoupled weight decay.
+      adam_learning_rate: AdamW's learning rate (``None``: ``learning_rate``).
+      muon_weight_dimension_numbers: optax's name for ``weight_dimension_numbers``.
+      consistent_rms: scale updates to this RMS instead of the width rule
+        (:func:`scale_by_shape`).
+      normalization: the msign's normalization (:func:`~manifold_optax.msign`).
+      bias_correction: divide the momentum by ``1 − βᵗ`` (:func:`momentum`).
+      weight_dimension_numbers: which leaves are matrices, and how (see above).
+      fallback_patterns: path components sent to AdamW (see above); ``()`` sends none.
+      adam_eps: AdamW's ``eps`` (``None``: ``eps``).
+      adam_nesterov: AdamW's Nesterov flag (``None``: ``nesterov``).
+      adam_weight_decay_mask: a tree or callable of booleans restricting
+        ``adam_weight_decay``.
+      precision: the msign's matmul precision.
+      compute_dtype: the msign's matmul input dtype (e.g. ``jnp.bfloat16``).
+      group: batch same-shape matrices into one msign (:func:`orthogonalize`).
+      ns_method: ``"auto"``, ``"standard"`` or ``"gram"`` (:func:`~manifold_optax.msign`).
+      sharding: a :class:`~manifold_optax.MsignSharding` for many devices.
 
     Returns:
       An ``optax.GradientTransformation`` (an ``optax.partition``).
@@ -146,254 +243,60 @@ def muon(
       Jordan et al., "Muon" (2024); Liu et al., "Muon is Scalable for LLM Training"
       (arXiv:2502.16982); Amsel et al., "The Polar Express" (arXiv:2505.16932).
     """
+    return build_muon(dict(locals()))
+
+
+def muon_arguments(learning_rate, **kwargs) -> dict:
+    """:func:`muon`'s arguments as a dict, defaults filled in: how an alias built on Muon's
+    chain (:func:`build_muon`) takes every keyword :func:`muon` takes. An unknown keyword is a
+    TypeError naming it."""
+    bound = inspect.signature(muon).bind(learning_rate, **kwargs)
+    bound.apply_defaults()
+    return dict(bound.arguments)
+
+
+def build_muon(kw: dict, middle=(), *, scale=None, name: str = "muon"):
+    """The optimizer :func:`muon` returns for its arguments ``kw`` (:func:`muon_arguments`),
+    with ``middle`` transformations after the msign and ``scale`` in place of
+    :func:`scale_by_shape` (see :func:`muon_chain`); ``name`` labels its errors."""
+    learning_rate, adam_learning_rate = kw["learning_rate"], kw["adam_learning_rate"]
     adam_learning_rate = learning_rate if adam_learning_rate is None else adam_learning_rate
-    matrix_tx = optax.chain(
-        momentum(beta, nesterov=nesterov, bias_correction=bias_correction, mu_dtype=mu_dtype),
-        orthogonalize(
-            ns_steps,
-            ns_coeffs,
-            weight_dimension_numbers,
-            normalization=normalization,
-            precision=precision,
-            eps=eps,
-            compute_dtype=compute_dtype,
-            group=group,
-            ns_method=ns_method,
-            sharding=sharding,
-        ),
-        scale_by_shape(weight_dimension_numbers, consistent_rms),
-        optax.add_decayed_weights(weight_decay, weight_decay_mask),
-        optax.scale_by_learning_rate(learning_rate),
-    )
+    dims = _dims(kw["weight_dimension_numbers"], kw["muon_weight_dimension_numbers"])
+    matrix_kw = {k: kw[k] for k in _MATRIX_KEYWORDS}
+    matrix_kw["weight_dimension_numbers"] = dims
+    matrix_kw["normalization"] = _normalization(kw["normalization"], kw["preconditioning"])
+    matrix_tx = muon_chain(learning_rate, middle, scale=scale, **matrix_kw)
     fallback_tx = adamw_fallback(
         adam_learning_rate,
-        b1=adam_b1,
-        b2=adam_b2,
-        eps=adam_eps,
-        eps_root=adam_eps_root,
-        weight_decay=adam_weight_decay,
-        mu_dtype=mu_dtype,
-        nesterov=nesterov if adam_nesterov is None else adam_nesterov,
+        b1=kw["adam_b1"],
+        b2=kw["adam_b2"],
+        eps=kw["eps"] if kw["adam_eps"] is None else kw["adam_eps"],
+        eps_root=kw["adam_eps_root"],
+        weight_decay=kw["adam_weight_decay"],
+        weight_decay_mask=kw["adam_weight_decay_mask"],
+        mu_dtype=kw["mu_dtype"],
+        nesterov=kw["nesterov"] if kw["adam_nesterov"] is None else kw["adam_nesterov"],
     )
-    labels = param_labels_fn(weight_dimension_numbers, fallback_patterns)
+    labels = param_labels_fn(dims, kw["fallback_patterns"])
     tx = optax.partition({MATRIX: matrix_tx, FALLBACK: fallback_tx}, labels)
-    return checked(tx, "muon", sharding)
+    return checked(tx, name, kw["sharding"])
 
 
-def trust_region(
-    learning_rate: optax.ScalarOrSchedule,
-    norm="spectral",
-    *,
-    beta: float = 0.9,
-    radius: float | None = None,
-    nesterov: bool = False,
-    weight_dimension_numbers=None,
-    **dualize_kwargs,
-) -> optax.GradientTransformation:
-    r"""Kovalev's non-Euclidean trust-region method with momentum (``docs/math.md``, Trust
-    region with momentum).
-
-    ``m ← β·m + (1−β)·g`` (momentum *before* the map), then
-    ``x ← argmin_{‖x − x_k‖ ≤ η} ⟨m, x⟩ = x_k − η·dualize(m)``. With ``radius=ρ`` (the
-    constrained problem over ``‖x‖ ≤ ρ``): ``x ← (1 − η/ρ)·x − η·dualize(m)``, i.e. decoupled
-    weight decay ``1/ρ``. The spectral norm gives Muon, ``"frobenius"`` normalized SGD with
-    momentum, ``"sign"`` signSGD with momentum. ``norm`` may be a tree prefix of names.
-    Non-matrix leaves under a matrix norm count as ``(1, d)`` matrices (see :func:`dualize`).
-
-    Args:
-      learning_rate: ``η``, the trust-region radius of one step (a float or schedule;
-        ``beta``, ``radius`` and ``learning_rate`` can be injected).
-      norm: a norm name of :data:`~manifold_optax.NORMS`, or a tree prefix of names.
-      beta: momentum decay.
-      radius: ``ρ`` of the constraint ``‖x‖ ≤ ρ`` (``None``: unconstrained).
-      nesterov: use the Nesterov look-ahead.
-      weight_dimension_numbers: as in :func:`~manifold_optax.dualize`.
-      **dualize_kwargs: the msign options of :func:`~manifold_optax.dualize`.
-
-    Returns:
-      An ``optax.GradientTransformation``.
-
-    Example:
-      >>> import jax.numpy as jnp, optax, manifold_optax as mo
-      >>> tx = mo.trust_region(0.1, "sign")
-      >>> params = {"w": jnp.zeros(3)}
-      >>> updates, _ = tx.update({"w": jnp.array([1.0, -2.0, 0.5])}, tx.init(params))
-      >>> (updates["w"] / 0.1).tolist()  # −η·sign(m)
-      [-1.0, 1.0, -1.0]
-
-    References:
-      Kovalev, "Understanding Gradient Orthogonalization for Deep Learning via Non-Euclidean
-      Trust-Region Optimization" (arXiv:2503.12645, 2025).
-    """
-    if isinstance(norm, str):
-        _norms.check_norm(norm)
-    # (optax.inject_hyperparams binds the catch-all as one keyword of that name.)
-    dualize_kwargs = {**dualize_kwargs.pop("dualize_kwargs", {}), **dualize_kwargs}
-    parts = [
-        momentum(beta, nesterov=nesterov, bias_correction=False),
-        dualize(norm, weight_dimension_numbers, **dualize_kwargs),
-    ]
-    if radius is not None:
-        if not isinstance(radius, jax.core.Tracer) and not radius > 0:
-            raise ValueError(f"radius must be positive, got {radius}")
-        parts.append(optax.add_decayed_weights(1.0 / radius))
-    parts.append(optax.scale_by_learning_rate(learning_rate))
-    return checked(optax.chain(*parts), "trust_region", dualize_kwargs.get("sharding"))
-
-
-MANIFOLD = "manifold"
-
-
-def manifold_labels_fn(manifold, weight_dimension_numbers=None, fallback_patterns=()):
-    """A callable ``params → labels``: ``"manifold"`` where the spec gives a Manifold (on the
-    matrix leaves ``weight_dimension_numbers`` names, if given) and the path matches none of
-    ``fallback_patterns``."""
-    patterns = [re.compile(p) for p in fallback_patterns]
-
-    def fn(params):
-        manifolds = resolve_manifolds(
-            manifold, params, view_specs(weight_dimension_numbers, params)
-        )
-        flat, treedef = jax.tree_util.tree_flatten_with_path(params)
-        labels = [
-            MANIFOLD
-            if m is not None and not any(p.search(path_to_str(path)) for p in patterns)
-            else FALLBACK
-            for (path, _), m in zip(flat, manifolds, strict=True)
-        ]
-        return jax.tree.unflatten(treedef, labels)
-
-    return fn
-
-
-def manifold_muon(
-    learning_rate: optax.ScalarOrSchedule,
-    manifold,
-    *,
-    solver: str = "online",
-    beta: float = 0.95,
-    nesterov: bool = True,
-    bias_correction: bool = True,
-    dual_learning_rate: float | None = None,
-    inner_steps: int | None = None,
-    ns_steps: int | None = None,
-    ns_coeffs="polar_express",
-    compute_dtype=None,
-    exact_config=None,
-    power_iters: int | None = None,
-    init_tolerance: float | None = DEFAULT_INIT_TOLERANCE,
-    mu_dtype=None,
-    fallback: str = "adamw",
-    adam_learning_rate: optax.ScalarOrSchedule | None = None,
-    adam_b1: float = 0.9,
-    adam_b2: float = 0.999,
-    adam_eps: float = 1e-8,
-    adam_weight_decay: float = 0.0,
-    muon_weight_decay: float = 0.0,
-    sharding=None,
-    group: bool | None = None,
-    weight_dimension_numbers=None,
-    fallback_patterns: Sequence[str] = (),
-) -> optax.GradientTransformation:
-    r"""Manifold Muon: steepest descent under the spectral norm that keeps weights on a manifold.
-
-    Manifold leaves: :func:`momentum` → :func:`manifold_step` (``Φ = msign(G + C_W*(Y))``,
-    the multiplier update, the learning rate and the retraction, fused to share products and
-    gathers), i.e. ``W ← R(W − η·Φ)``. Every other leaf goes to AdamW (``fallback="adamw"``)
-    or to :func:`muon` (``fallback="muon"``; its own non-matrix leaves then go to AdamW).
-
-    Args:
-      learning_rate: η (a float or schedule). With ``optax.inject_hyperparams`` every float
-        can be injected; ``inner_steps`` and ``power_iters`` (sizes) go in ``static_args``.
-      manifold: a ``Manifold`` (every matrix leaf: see :func:`~manifold_optax.label_params`'s
-        rule), a tree prefix of ``Manifold | None``, or a callable ``params → such a tree``.
-      solver: ``"online"`` (default: one dual step per training step, the multiplier in the
-        state — one msign per step), ``"dual_ascent"``, ``"exact"`` or ``"fixed_point"``.
-      dual_learning_rate, inner_steps, exact_config, init_tolerance: see
-        :func:`dual_ascent`.
-      ns_steps, ns_coeffs, compute_dtype: the msign, as in :func:`dual_ascent`
-        (``compute_dtype`` also applies to the ``fallback="muon"`` matrices).
-      sharding, group: many devices and batching, as in :func:`dual_ascent`.
-      weight_dimension_numbers: the matrix each leaf is (e.g.
-        :func:`~manifold_optax.flax_dimension_numbers`'s tree), as in :func:`dual_ascent`; a
-        single ``Manifold`` then applies to the leaves with a spec (so does ``fallback="muon"``).
-      fallback_patterns: regexes on a path (``re.search``) kept off the manifold (``"head"``).
-      power_iters: the spectral sphere retraction's filter degree (6), see :func:`manifold_step`.
-
-    The explicit chain ``optax.chain(momentum(beta), dual_ascent(manifold, solver),
-    optax.scale_by_learning_rate(learning_rate), retract(manifold))`` computes the same update
-    for the manifold leaves (to float32 round-off; the spectral sphere's chain estimates ``Θ``
-    with its own power block instead of reusing the retraction's top pair).
-
-    Returns:
-      An ``optax.GradientTransformation`` (an ``optax.partition``); its ``update`` needs
-      ``params``.
-
-    Example:
-      >>> import jax, jax.numpy as jnp, optax, manifold_optax as mo
-      >>> w0 = jax.random.normal(jax.random.key(0), (8, 4))
-      >>> params = mo.project_params({"w": w0, "b": jnp.zeros(4)}, mo.Stiefel())
-      >>> tx = mo.manifold_muon(0.05, mo.Stiefel())
-      >>> grads = {"w": jax.random.normal(jax.random.key(1), (8, 4)), "b": jnp.ones(4)}
-      >>> updates, _ = tx.update(grads, tx.init(params), params)
-      >>> w = optax.apply_updates(params, updates)["w"]
-      >>> bool(jnp.allclose(w.T @ w, jnp.eye(4), atol=1e-5))
-      True
-
-    References:
-      Bernstein, "Modular Manifolds" (Thinking Machines, 2025); Su Jianlin, "Steepest descent
-      on manifolds", parts 1–5 (kexue.fm, 2025).
-    """
-    if fallback not in ("adamw", "muon"):
-        raise ValueError(f"fallback must be 'adamw' or 'muon', got {fallback!r}")
-    adam_learning_rate = learning_rate if adam_learning_rate is None else adam_learning_rate
-    labels = manifold_labels_fn(manifold, weight_dimension_numbers, fallback_patterns)
-    manifold_tx = optax.chain(
-        momentum(beta, nesterov=nesterov, bias_correction=bias_correction, mu_dtype=mu_dtype),
-        manifold_step(
-            manifold,
-            learning_rate,
-            solver,
-            dual_learning_rate=dual_learning_rate,
-            inner_steps=inner_steps,
-            ns_steps=ns_steps,
-            ns_coeffs=ns_coeffs,
-            compute_dtype=compute_dtype,
-            exact_config=exact_config,
-            power_iters=power_iters,
-            init_tolerance=init_tolerance,
-            sharding=sharding,
-            group=group,
-            weight_dimension_numbers=weight_dimension_numbers,
-        ),
-    )
-    if fallback == "adamw":
-        fallback_tx = adamw_fallback(
-            adam_learning_rate,
-            b1=adam_b1,
-            b2=adam_b2,
-            eps=adam_eps,
-            weight_decay=adam_weight_decay,
-            mu_dtype=mu_dtype,
-            nesterov=nesterov,
-        )
-    else:
-        fallback_tx = muon(
-            learning_rate,
-            ns_steps=ns_steps,
-            ns_coeffs=ns_coeffs,
-            compute_dtype=compute_dtype,
-            beta=beta,
-            nesterov=nesterov,
-            weight_decay=muon_weight_decay,
-            mu_dtype=mu_dtype,
-            weight_dimension_numbers=weight_dimension_numbers,
-            adam_learning_rate=adam_learning_rate,
-            adam_b1=adam_b1,
-            adam_b2=adam_b2,
-            adam_eps=adam_eps,
-            adam_weight_decay=adam_weight_decay,
-            sharding=sharding,
-        )
-    tx = optax.partition({MANIFOLD: manifold_tx, FALLBACK: fallback_tx}, labels)
-    return checked(tx, "manifold_muon", sharding)
+_MATRIX_KEYWORDS = (
+    "beta",
+    "nesterov",
+    "bias_correction",
+    "mu_dtype",
+    "ns_steps",
+    "ns_coeffs",
+    "precision",
+    "eps",
+    "compute_dtype",
+    "group",
+    "ns_method",
+    "sharding",
+    "adaptive",
+    "consistent_rms",
+    "weight_decay",
+    "weight_decay_mask",
+)

@@ -17,6 +17,8 @@ import jax
 from optax.contrib import MuonDimensionNumbers
 
 __all__ = [
+    "DEFAULT_FALLBACK_PATTERNS",
+    "path_matcher",
     "MuonDimensionNumbers",
     "MatrixSpec",
     "path_to_str",
@@ -30,6 +32,41 @@ __all__ = [
 MATRIX = "matrix"
 FALLBACK = "fallback"
 AMBIGUOUS = "ambiguous"
+
+#: The path components that every optimizer (and :func:`~manifold_optax.flax_dimension_numbers`)
+#: sends to the fallback optimizer by default: token embeddings and output heads, whose
+#: matrices are lookup tables and logits maps rather than hidden-layer operators.
+DEFAULT_FALLBACK_PATTERNS = (
+    "embed",
+    "embedding",
+    "embeddings",
+    "embedder",
+    "wte",
+    "lm_head",
+    "head",
+    "output_head",
+    "unembed",
+)
+
+
+def path_matcher(patterns: Sequence[str]):
+    """A predicate ``path → bool``: whether a pattern matches whole components of the path.
+
+    Each pattern is a regular expression that must match one component, or a run of
+    consecutive components, entirely: ``"head"`` matches ``"lm/head/kernel"`` but not
+    ``"multi_head/kernel"``; ``"emb.*"`` matches ``"embedder/embedding"``; ``"attn/out"``
+    matches ``"blocks/0/attn/out/kernel"``.
+
+    Example:
+      >>> from manifold_optax.labels import path_matcher
+      >>> match = path_matcher(("head",))
+      >>> match("lm/head/kernel"), match("multi_head/kernel")
+      (True, False)
+    """
+    if isinstance(patterns, str):
+        raise TypeError(f"patterns must be a sequence of strings, got the string {patterns!r}")
+    compiled = [re.compile(rf"(?:^|/)(?:{p})(?:/|$)") for p in patterns]
+    return lambda path: any(r.search(path) for r in compiled)
 
 
 def _rank_label(x) -> str:
@@ -135,7 +172,7 @@ def label_params(
     params,
     *,
     weight_dimension_numbers=None,
-    fallback_patterns: Sequence[str] = (),
+    fallback_patterns: Sequence[str] = DEFAULT_FALLBACK_PATTERNS,
     matrix_patterns: Sequence[str] | None = None,
     matrix_label: str = MATRIX,
     fallback_label: str = FALLBACK,
@@ -144,17 +181,35 @@ def label_params(
     ``fallback_label`` (AdamW).
 
     Rules, in order:
-      1. a path matching any regex in ``fallback_patterns`` (``re.search``) → fallback
-         (e.g. ``("embed", "head")`` sends embeddings and output heads to AdamW);
-      2. if ``matrix_patterns`` is given, a path matching one of them → matrix, else fallback;
+      1. a path matching a pattern of ``fallback_patterns`` on whole components
+         (:func:`path_matcher`; default :data:`DEFAULT_FALLBACK_PATTERNS`: embeddings and
+         output heads) → fallback; ``()`` sends none;
+      2. if ``matrix_patterns`` is given, a path matching one of them (as in 1) → matrix,
+         else fallback;
       3. with ``weight_dimension_numbers`` (a ``MuonDimensionNumbers`` or
          :class:`MatrixSpec` tree, e.g. :func:`~manifold_optax.flax_dimension_numbers`'s, or a
          callable returning one): a spec → matrix, ``None`` → fallback;
       4. by rank: two axes → matrix, zero or one → fallback; more than two is ambiguous
          (stacked layers, convolutions, attention heads) and raises ValueError naming the path.
+
+    Args:
+      params: the parameter tree (arrays, ``nnx.Param`` wrappers or shapes).
+      weight_dimension_numbers: a spec, a spec tree or a callable (rule 3).
+      fallback_patterns: path components sent to the fallback (rule 1).
+      matrix_patterns: path components that alone are matrices (rule 2).
+      matrix_label: the label of the matrix rule.
+      fallback_label: the label of the fallback.
+
+    Returns:
+      A tree of labels with ``params``' structure, for :func:`optax.partition`.
+
+    Example:
+      >>> import jax.numpy as jnp, manifold_optax as mo
+      >>> mo.label_params({"w": jnp.ones((2, 2)), "b": jnp.ones(2), "head": jnp.ones((2, 3))})
+      {'b': 'fallback', 'head': 'fallback', 'w': 'matrix'}
     """
-    fallback_res = [re.compile(p) for p in fallback_patterns]
-    matrix_res = None if matrix_patterns is None else [re.compile(p) for p in matrix_patterns]
+    is_fallback = path_matcher(fallback_patterns)
+    is_matrix = None if matrix_patterns is None else path_matcher(matrix_patterns)
     if weight_dimension_numbers is None:
         base = jax.tree_util.tree_map_with_path(
             lambda p, x: AMBIGUOUS if jax.numpy.ndim(x) > 2 else _rank_label(x), params
@@ -166,10 +221,10 @@ def label_params(
 
     def label(path, leaf, b):
         s = path_to_str(path)
-        if any(r.search(s) for r in fallback_res):
+        if is_fallback(s):
             return fallback_label
-        if matrix_res is not None:
-            return matrix_label if any(r.search(s) for r in matrix_res) else fallback_label
+        if is_matrix is not None:
+            return matrix_label if is_matrix(s) else fallback_label
         if b == AMBIGUOUS:
             raise ambiguous_leaf_error(s, jax.numpy.shape(leaf))
         return matrix_label if b == MATRIX else fallback_label

@@ -62,7 +62,10 @@ POLAR_EXPRESS_PUBLISHED = np.array(
     dtype=np.float64,
 )
 
-SCHEDULE_NAMES = ("jordan", "you", "polar_express")
+SCHEDULE_NAMES = ("jordan", "you", "polar_express", "standard", "dion")
+
+#: optax.contrib.muon's preset names for the same coefficient sets.
+SCHEDULE_ALIASES = {"standard": "jordan", "dion": "you"}
 
 #: The cushion of Amsel et al.: never fit on an interval with l/u below this ratio.
 PE_CUSHION = 0.02407327424182761
@@ -165,6 +168,7 @@ def get_schedule(coeffs, steps: int | None) -> tuple[np.ndarray, int]:
     """
     if isinstance(coeffs, str):
         name = coeffs.lower().replace("-", "_")
+        name = SCHEDULE_ALIASES.get(name, name)
         if name not in SCHEDULE_NAMES:
             raise ValueError(
                 f"unknown Newton–Schulz schedule {coeffs!r}; accepted names: {SCHEDULE_NAMES} "

@@ -257,9 +257,13 @@ def test_unknown_layers_and_bad_splits_name_the_path():
 
     with pytest.raises(ValueError, match="'w'.*overrides"):
         mo.flax_dimension_numbers(Custom())
-    einsum = nnx.Einsum("bi,io->bo", (4, 8), rngs=nnx.Rngs(0))
-    with pytest.raises(ValueError, match="'kernel' of Einsum"):
-        mo.flax_dimension_numbers(einsum)
+    einsum = nnx.Einsum("bi,io->bo", (4, 8), rngs=nnx.Rngs(0), bias_shape=None)
+    assert nnx.to_pure_dict(mo.flax_dimension_numbers(einsum)) == {
+        "kernel": mo.MatrixSpec((0,), (1,))
+    }
+    summed = nnx.Einsum("bi,ij->b", (4, 8), rngs=nnx.Rngs(0), bias_shape=None)
+    with pytest.raises(ValueError, match="'kernel'.*einsum.*overrides"):
+        mo.flax_dimension_numbers(summed)
     spec = mo.flax_dimension_numbers(Custom(), overrides={"w": mo.MatrixSpec(0, 1)})
     assert nnx.to_pure_dict(spec) == {"w": mo.MatrixSpec(0, 1)}
     tx = mo.orthogonalize(weight_dimension_numbers={"w": mo.MatrixSpec(0, 1, split=3)})

@@ -197,7 +197,7 @@ def test_bad_input_errors():
     with pytest.raises(ValueError, match="floating"):
         mo.msign(jnp.ones((3, 3), jnp.int32))
     with pytest.raises(ValueError, match="normalization"):
-        mo.msign(jnp.ones((3, 3)), normalization="spectral")
+        mo.msign(jnp.ones((3, 3)), normalization="nuclear")
 
 
 def test_norms_and_top_pair(rng):

@@ -278,11 +278,6 @@ def test_popped_entries_of_a_module_called_twice_take_their_max():
     np.testing.assert_array_equal(s_new[~over], s[~over])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=TypeError,
-    reason="mo.muon's transforms declare extra-args support but do not take extra arguments",
-)
 def test_after_muon_in_a_chain():
     attn = _mha(4)
     x = jax.random.normal(jax.random.key(3), (2, 7, 16))

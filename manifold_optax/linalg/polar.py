@@ -27,10 +27,10 @@ __all__ = [
     "newton_schulz_flops",
 ]
 
-Normalization = Literal["schatten8", "frobenius"]
+Normalization = Literal["schatten8", "schatten4", "frobenius", "spectral", "aol"]
 
 
-_NORMALIZATIONS = ("schatten8", "frobenius")
+_NORMALIZATIONS = ("schatten8", "schatten4", "frobenius", "spectral", "aol")
 
 
 def newton_schulz_flops(shape: tuple[int, ...], steps: int) -> float:
@@ -67,8 +67,12 @@ def msign(
     ``‖A²‖_F^{1/4} = (Σσ⁸)^{1/8}`` at no extra matmul; dividing by it over-estimates σ_max by at
     most rank^{1/8} (Frobenius: up to rank^{1/2}), so the small singular values start inside the
     schedule's design range. ``"frobenius"`` is the plain ``X/(‖X‖_F + eps)`` of optax and
-    modded-nanogpt, for parity. The Polar Express schedule divides by a further 1.01 (its
-    safety factor).
+    modded-nanogpt, for parity. optax's other preconditionings: ``"schatten4"`` divides by
+    ``‖A‖_F^{1/2} = (Σσ⁴)^{1/4}`` from the first Gram; ``"spectral"`` by the exact ``σ_max``
+    (an SVD per matrix: slow); ``"aol"`` (Boissin et al.'s almost-orthogonal-layer rescaling)
+    multiplies the short side by ``D = diag(Σ_j|A_ij|)^{-1/2}`` (``‖DX‖₂ ≤ 1`` by Gershgorin),
+    which changes the singular vectors: the result is ``msign(DX)``, not ``msign(X)``. The
+    Polar Express schedule divides by a further 1.01 (its safety factor).
 
     Default: ``steps=5`` with the Polar Express schedule — the cost of Muon's usual 5 Jordan
     steps, whose composed scalar map keeps ``max|p(σ) − 1| ≈ 0.13`` on ``σ ∈ [1e-2, 1]``
@@ -81,7 +85,8 @@ def msign(
       steps: Newton–Schulz steps; default 5 for named schedules, the table's length otherwise.
       coeffs: ``"polar_express"``, ``"jordan"``, ``"you"`` (5 steps only) or a ``(k, 3)``
         (or ``(3,)``) table of ``(a, b, c)`` rows (see :func:`schedules.get_schedule`).
-      normalization: ``"schatten8"`` or ``"frobenius"``.
+      normalization: ``"schatten8"``, ``"schatten4"``, ``"frobenius"``, ``"spectral"`` or
+        ``"aol"`` (see above).
       precision: passed to every matmul (``jax.lax.Precision``); ``None`` is the backend
         default, which on GPU/TPU runs float32 matmuls in reduced precision.
       eps: added to the Frobenius norm (only matters for an all-zero matrix).
@@ -146,14 +151,18 @@ def msign(
     fro = jnp.sqrt(jnp.sum(xa * xa, axis=(-2, -1), keepdims=True))
     if normalization == "frobenius":
         xa = xa / (fro * safety + eps)
+    elif normalization == "spectral":
+        smax = jnp.max(singular_values(xa), axis=-1)[..., None, None]
+        xa = xa / (smax * safety + eps)
     else:
         xa = xa / jnp.where(fro > 0, fro, 1.0)
     X = xa.astype(cdt)
     rows = jnp.asarray(table, dtype=acc)
 
     m_short, n_long = min(X.shape[-2:]), max(X.shape[-2:])
-    use_gram = method == "gram" or (
-        method == "auto" and n_long >= 1.5 * m_short and jnp.dtype(cdt).itemsize >= 4
+    use_gram = normalization != "aol" and (
+        method == "gram"
+        or (method == "auto" and n_long >= 1.5 * m_short and jnp.dtype(cdt).itemsize >= 4)
     )
     if use_gram:
         out = _gram_newton_schulz(
@@ -165,11 +174,13 @@ def msign(
         a, b, c = rows[i, 0], rows[i, 1], rows[i, 2]
         A = gram(X, precision, acc, tall)
         A2 = mm(A.astype(cdt), A.astype(cdt), precision, acc)
-        if i == 0 and normalization == "schatten8":
-            s8 = jnp.sqrt(jnp.sqrt(jnp.sqrt(jnp.sum(A2 * A2, axis=(-2, -1), keepdims=True))))
-            s = jnp.where(s8 > 0, s8 * safety, 1.0)
-            X = (X.astype(acc) / s).astype(cdt)
-            A, A2 = A / s**2, A2 / s**4
+        if i == 0 and normalization == "aol":
+            d = jax.lax.rsqrt(jnp.maximum(jnp.sum(jnp.abs(A), axis=-1), eps) * safety**2)
+            X = (X.astype(acc) * (d[..., None, :] if tall else d[..., :, None])).astype(cdt)
+            A = A * d[..., :, None] * d[..., None, :]
+            A2 = mm(A.astype(cdt), A.astype(cdt), precision, acc)
+        elif i == 0:
+            X, A, A2 = _first_step_scale(X, A, A2, normalization, safety, acc, cdt)
         B = (b * A + c * A2).astype(cdt)
         X = (a * X.astype(acc) + left(B, X, precision, acc, tall)).astype(cdt)
 
@@ -201,11 +212,8 @@ def _gram_newton_schulz(
     for i in range(steps):
         a, b, c = rows[i, 0], rows[i, 1], rows[i, 2]
         A2 = mm(A, A, precision, acc)
-        if i == 0 and normalization == "schatten8":
-            s8 = jnp.sqrt(jnp.sqrt(jnp.sqrt(jnp.sum(A2 * A2, axis=(-2, -1), keepdims=True))))
-            s = jnp.where(s8 > 0, s8 * safety, 1.0)
-            X = (X.astype(acc) / s).astype(cdt)
-            A, A2 = A / s**2, A2 / s**4
+        if i == 0:
+            X, A, A2 = _first_step_scale(X, A, A2, normalization, safety, acc, cdt)
         P = a * eye + b * A + c * A2
         Q = P if Q is None else (mm(Q, P, precision, acc) if tall else mm(P, Q, precision, acc))
         since += 1
@@ -219,6 +227,19 @@ def _gram_newton_schulz(
             A = mm(P, mm(P, A, precision, acc), precision, acc)
             A = 0.5 * (A + jnp.swapaxes(A, -1, -2))
     return left(Q.astype(cdt), X, precision, acc, tall)
+
+
+def _first_step_scale(X, A, A2, normalization, safety, acc, cdt):
+    """The Schatten normalizations, read off the first step's Gram ``A`` and its square:
+    ``(Σσ⁸)^{1/8} = ‖A²‖_F^{1/4}``, ``(Σσ⁴)^{1/4} = ‖A‖_F^{1/2}``; others pass through."""
+    if normalization == "schatten8":
+        norm = jnp.sqrt(jnp.sqrt(jnp.sqrt(jnp.sum(A2 * A2, axis=(-2, -1), keepdims=True))))
+    elif normalization == "schatten4":
+        norm = jnp.sqrt(jnp.sqrt(jnp.sum(A * A, axis=(-2, -1), keepdims=True)))
+    else:
+        return X, A, A2
+    s = jnp.where(norm > 0, norm * safety, 1.0)
+    return (X.astype(acc) / s).astype(cdt), A / s**2, A2 / s**4
 
 
 def _svd_tol(s, shape, dtype):

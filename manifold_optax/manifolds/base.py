@@ -64,7 +64,8 @@ class SolverConfig:
       dual_learning_rate: ``η₂`` of the dual step, in units of the normalized gradient
         (``None``: the manifold's :attr:`~Manifold.default_dual_learning_rate`).
       power_iters: degree of the warm-started block iteration that refreshes a manifold's
-        auxiliary state per call (the spectral sphere's ``Θ``; a cold start runs 30+).
+        auxiliary state per call (the spectral sphere's ``Θ``; a cold start runs 4×); the
+        transformations' ``power_iters=None`` means this default.
     """
 
     ns_steps: int = 10
@@ -74,7 +75,7 @@ class SolverConfig:
     smoothing_max_size: int = 1024
     inner_steps: int = 20
     dual_learning_rate: float | None = None
-    power_iters: int = 2
+    power_iters: int = 6
 
 
 class Solution(NamedTuple):

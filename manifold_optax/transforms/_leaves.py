@@ -13,7 +13,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from manifold_optax._matrix import as_matrix, matrix_view
+from manifold_optax._matrix import as_matrix, fans, matrix_view
 from manifold_optax._platform import on_cpu
 from manifold_optax.labels import ambiguous_leaf_error, is_dim_nums, leaf_specs, path_to_str
 from manifold_optax.linalg import msign
@@ -28,6 +28,7 @@ __all__ = [
     "paths",
     "resolve_manifolds",
     "by_shape",
+    "ByShape",
     "group_default",
     "run_grouped",
     "matrix_items",
@@ -38,6 +39,7 @@ __all__ = [
     "update_to",
     "leaf_view",
     "view_specs",
+    "excluded",
     "update_leaves",
     "reshaped",
 ]
@@ -49,6 +51,17 @@ DEFAULT_INIT_TOLERANCE = 1e-4
 def paths(tree) -> list:
     """The key path of every leaf of ``tree``, in ``jax.tree.leaves`` order."""
     return [p for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+
+
+def excluded(weight_dimension_numbers, spec) -> bool:
+    """Whether a leaf whose broadcast spec is ``spec`` is left out of a matrix rule: a spec
+    tree (or callable) that gives it ``None``. A single ``None`` for every leaf is no spec
+    (the last two axes), not an exclusion."""
+    return (
+        spec is None
+        and weight_dimension_numbers is not None
+        and not is_dim_nums(weight_dimension_numbers)
+    )
 
 
 def view_specs(weight_dimension_numbers, tree) -> list | None:
@@ -88,7 +101,9 @@ def resolve_manifolds(spec, tree, dims: list | None = None) -> list:
     integer/complex leaf on any manifold, raises ValueError naming the leaf's path.
     """
     leaves_with_paths = jax.tree_util.tree_flatten_with_path(tree)[0]
-    if is_manifold(spec):
+    if isinstance(spec, ByShape):
+        out = spec.resolve(tree, dims)
+    elif is_manifold(spec):
         if dims is None:
             for path, x in leaves_with_paths:
                 if jnp.ndim(x) > 2:
@@ -112,29 +127,59 @@ def resolve_manifolds(spec, tree, dims: list | None = None) -> list:
     return out
 
 
-def by_shape(factory, *, min_ndim: int = 2):
+class ByShape:
+    """A manifold spec built per matrix leaf from its fans (see :func:`by_shape`)."""
+
+    def __init__(self, factory, min_ndim: int = 2):
+        self.factory = factory
+        self.min_ndim = min_ndim
+
+    def resolve(self, tree, dims: list | None = None) -> list:
+        """One ``Manifold | None`` per leaf: ``factory(fan_in, fan_out)`` of the leaf's matrix
+        view (its spec in ``dims``; without one the last two axes), ``None`` where ``dims``
+        gives no spec or the leaf has fewer than ``min_ndim`` axes."""
+        out = []
+        for i, x in enumerate(jax.tree.leaves(tree)):
+            d = None if dims is None else dims[i]
+            if jnp.ndim(x) < self.min_ndim or (dims is not None and d is None):
+                out.append(None)
+                continue
+            fan_in, fan_out = fans(x, d)
+            out.append(self.factory(fan_in, fan_out))
+        return out
+
+    def __call__(self, params):
+        """The spec as a tree of ``params``' structure (fans from the last two axes)."""
+        return jax.tree.unflatten(jax.tree.structure(params), self.resolve(params))
+
+
+def by_shape(factory, *, min_ndim: int = 2) -> ByShape:
     """A manifold spec that builds each matrix leaf's manifold from its fans.
 
-    ``factory(fan_in, fan_out)`` returns a ``Manifold`` or ``None``; fans are the last two axes
-    (Flax's ``(in, out)``). The usual shape-aware choices keep activations O(1) whatever the
-    width:
+    ``factory(fan_in, fan_out)`` returns a ``Manifold`` or ``None``. The fans are those of the
+    leaf's matrix view: with ``weight_dimension_numbers`` given to the optimizer, the rows and
+    columns its spec names (a conv kernel ``(3, 3, 8, 16)`` is ``72 × 16``, an attention output
+    kernel ``(heads, head_dim, d)`` is ``heads·head_dim × d``, a ``MatrixSpec`` split counted);
+    without one, the last two axes (Flax's ``(in, out)``). The usual shape-aware choices keep
+    activations O(1) whatever the width:
 
     * ``SpectralSphere(√(fan_out/fan_in))`` — unit RMS→RMS operator norm;
     * ``Sphere(√fan_out)`` — entries of RMS ``1/√fan_in``, like LeCun-normal initialization;
     * ``Stiefel()`` is already norm-preserving for square, wide and tall layers.
 
+    Args:
+      factory: ``(fan_in, fan_out) → Manifold | None``.
+      min_ndim: leaves with fewer axes get no manifold.
+
+    Returns:
+      A manifold spec for :func:`~manifold_optax.manifold_muon`, the manifold transformations
+      and :func:`~manifold_optax.project_params`.
+
     Example:
       >>> import manifold_optax as mo
       >>> spec = mo.by_shape(lambda fan_in, fan_out: mo.Sphere((fan_out) ** 0.5))
     """
-
-    def spec(params):
-        return jax.tree.map(
-            lambda x: factory(x.shape[-2], x.shape[-1]) if jnp.ndim(x) >= min_ndim else None,
-            params,
-        )
-
-    return spec
+    return ByShape(factory, min_ndim)
 
 
 def group_default(group: bool | None) -> bool:
@@ -265,7 +310,10 @@ def initial_leaves(manifold, params, init_tolerance, power_iters, dims=None) -> 
 
 
 #: Defaults of the structural integer arguments (loop lengths, filter degrees).
-STATIC_INT_DEFAULTS = {"inner_steps": 20, "power_iters": 6}
+STATIC_INT_DEFAULTS = {
+    "inner_steps": SolverConfig.inner_steps,
+    "power_iters": SolverConfig.power_iters,
+}
 
 
 def static_int(value, name: str) -> int:
@@ -283,14 +331,23 @@ def static_int(value, name: str) -> int:
     return int(value)
 
 
-def solver_config(solver, exact_config, inner_steps, dual_learning_rate) -> SolverConfig:
-    """The validated solver options shared by ``dual_ascent`` and ``manifold_step``."""
+def solver_config(
+    solver, exact_config, inner_steps, dual_learning_rate, power_iters=None
+) -> SolverConfig:
+    """The validated solver options shared by ``dual_ascent`` and ``manifold_step``:
+    ``exact_config`` (default ``SolverConfig()``) with the keywords given explicitly (not
+    ``None``) in place of its fields; a keyword left at ``None`` keeps the config's value."""
     if solver not in SOLVERS:
         raise ValueError(f"unknown solver {solver!r}; accepted: {SOLVERS}")
+    if exact_config is not None and not isinstance(exact_config, SolverConfig):
+        raise ValueError(f"exact_config must be a SolverConfig, got {exact_config!r}")
+    given = {
+        "inner_steps": None if inner_steps is None else static_int(inner_steps, "inner_steps"),
+        "power_iters": None if power_iters is None else static_int(power_iters, "power_iters"),
+        "dual_learning_rate": dual_learning_rate,
+    }
     return dataclasses.replace(
-        exact_config or SolverConfig(),
-        inner_steps=static_int(inner_steps, "inner_steps"),
-        dual_learning_rate=dual_learning_rate,
+        exact_config or SolverConfig(), **{k: v for k, v in given.items() if v is not None}
     )
 
 
@@ -319,6 +376,9 @@ def msign_fn(ms_kwargs, sharding=None):
 
 def update_to(new, w, dtype, unview=None):
     """The update that moves parameter ``w`` to the point ``new`` (its matrix view, mapped
-    back by ``unview``; else any shape of ``w``'s size), in the update's ``dtype``."""
+    back by ``unview``; else any shape of ``w``'s size), in the wider of the update's
+    ``dtype`` and the parameter's: a bfloat16 gradient of a float32 parameter must not round
+    the retracted point to bfloat16 (it would leave the manifold by ``2⁻⁹·η`` a step)."""
     new = new.reshape(w.shape) if unview is None else unview(new)
-    return (new.astype(w.dtype) - w).astype(dtype)
+    out = jnp.promote_types(jnp.result_type(w), dtype)
+    return (new.astype(out) - w.astype(out)).astype(out)

@@ -68,13 +68,15 @@ def dual_ascent(
       dual_learning_rate: ``η₂``, in units of the normalized gradient; ``None`` takes the
         manifold's ``default_dual_learning_rate``.
       inner_steps: dual steps per call for ``"dual_ascent"``.
-      ns_steps, ns_coeffs: the msign of the online direction (default: 5 Polar Express steps,
-        as ``muon``).
+      ns_steps: Newton–Schulz steps of the online direction's msign (default: 5, as ``muon``).
+      ns_coeffs: that msign's schedule (default: Polar Express, as ``muon``).
       compute_dtype: dtype of the online msign's matmuls (e.g. ``jnp.bfloat16``; coefficients,
         normalization and accumulation stay float32). The multiplier update, the tangent
         projection and the retraction always run in float32, and the iterative solvers keep
         float32 throughout.
-      exact_config: :class:`~manifold_optax.SolverConfig` of the iterative solvers.
+      exact_config: :class:`~manifold_optax.SolverConfig` of the iterative solvers;
+        ``inner_steps`` and ``dual_learning_rate``, when given (not ``None``), override its
+        fields, left at ``None`` they keep them.
       init_tolerance: ``init`` raises, naming the leaf, if a concrete parameter is farther
         than this (relative; at least 4× its dtype's epsilon) from its manifold; traced
         parameters are not checked; ``None`` disables the check.

@@ -42,9 +42,15 @@ def dualize(
     Args:
       norm: a norm name or a tree prefix of names (or a callable returning one).
       weight_dimension_numbers: the matrix view of each leaf, as in :func:`orthogonalize`.
-      ns_steps, ns_coeffs, normalization, precision, compute_dtype: the msign of the
-        spectral and RMS norms, as in :func:`orthogonalize`.
-      group, ns_method, sharding: as in :func:`orthogonalize`.
+      ns_steps: Newton–Schulz steps of the spectral and RMS norms' msign (as in
+        :func:`orthogonalize`).
+      ns_coeffs: the msign's schedule (as in :func:`orthogonalize`).
+      normalization: the msign's normalization (as in :func:`orthogonalize`).
+      precision: the msign's matmul precision (as in :func:`orthogonalize`).
+      compute_dtype: the msign's matmul input dtype (as in :func:`orthogonalize`).
+      group: batching of same-shape matrices (as in :func:`orthogonalize`).
+      ns_method: the Newton–Schulz method (as in :func:`orthogonalize`).
+      sharding: the many-device strategy (as in :func:`orthogonalize`).
 
     Returns:
       A stateless ``optax.GradientTransformation``.

@@ -23,7 +23,6 @@ from manifold_optax.transforms._leaves import (
     reshaped,
     run_grouped,
     solver_config,
-    static_int,
     update_leaves,
     update_to,
     view_specs,
@@ -76,12 +75,20 @@ def manifold_step(
     Args:
       manifold: a Manifold, a tree prefix of ``Manifold | None``, or a callable returning one.
       learning_rate: ``η``, a float or an optax schedule of the step count.
-      solver, dual_learning_rate, inner_steps, exact_config: as in
-        :func:`~manifold_optax.dual_ascent`.
-      ns_steps, ns_coeffs, compute_dtype: the online msign, as in
-        :func:`~manifold_optax.dual_ascent`.
-      init_tolerance, sharding, group, weight_dimension_numbers: as in
-        :func:`~manifold_optax.dual_ascent`.
+      solver: ``"online"``, ``"dual_ascent"``, ``"exact"`` or ``"fixed_point"`` (as in
+        :func:`~manifold_optax.dual_ascent`).
+      dual_learning_rate: ``η₂`` of the dual step (as in :func:`~manifold_optax.dual_ascent`).
+      inner_steps: dual steps per call of ``"dual_ascent"``.
+      exact_config: a :class:`~manifold_optax.SolverConfig`; the keywords above and
+        ``power_iters``, when given (not ``None``), override its fields.
+      ns_steps: Newton–Schulz steps of the online msign.
+      ns_coeffs: the online msign's schedule.
+      compute_dtype: the online msign's matmul input dtype.
+      init_tolerance: as in :func:`~manifold_optax.dual_ascent`.
+      sharding: the many-device strategy (as in :func:`~manifold_optax.dual_ascent`).
+      group: batching of same-shape leaves (as in :func:`~manifold_optax.dual_ascent`).
+      weight_dimension_numbers: the matrix each leaf is (as in
+        :func:`~manifold_optax.dual_ascent`).
       power_iters: the degree of the spectral sphere retraction's warm Chebyshev-filtered
         block iteration (as in :func:`~manifold_optax.retract`);
         ``benchmarks/spectral_accuracy.py`` measures ``|‖W‖₂ − r|/r`` over a training run
@@ -103,8 +110,8 @@ def manifold_step(
       >>> bool(jnp.allclose(w.T @ w, jnp.eye(3), atol=1e-5))
       True
     """
-    cfg = solver_config(solver, exact_config, inner_steps, dual_learning_rate)
-    power_iters = static_int(power_iters, "power_iters")
+    cfg = solver_config(solver, exact_config, inner_steps, dual_learning_rate, power_iters)
+    power_iters = cfg.power_iters
     ms_kwargs = dict(steps=ns_steps, coeffs=ns_coeffs, compute_dtype=compute_dtype)
 
     def group_step(key, G, W, y, aux, lr):

@@ -11,7 +11,7 @@ import optax
 from manifold_optax._matrix import fans
 from manifold_optax._placement import placed
 from manifold_optax.labels import path_to_str
-from manifold_optax.transforms._leaves import leaf_specs, paths
+from manifold_optax.transforms._leaves import excluded, leaf_specs, paths
 from manifold_optax.transforms.dualize import dualize
 
 __all__ = ["scale_by_shape", "scale_by_modular_norm"]
@@ -20,10 +20,40 @@ __all__ = ["scale_by_shape", "scale_by_modular_norm"]
 def scale_by_shape(
     weight_dimension_numbers=None, consistent_rms: float | None = None
 ) -> optax.GradientTransformation:
-    r"""Scale each matrix update by ``√max(1, fan_out/fan_in)`` (Jordan's width rule), or with
-    ``consistent_rms=ρ`` by ``ρ·√max(fan_in, fan_out)`` (Moonlight: the update RMS matches
-    AdamW's, ρ ≈ 0.2). Fans come from the same ``[batch, fan_in, fan_out]`` view as
-    :func:`orthogonalize`."""
+    r"""Scale each matrix update by its shape factor.
+
+    .. math::
+
+       u ← \sqrt{\max(1, d_{out}/d_{in})}\,u \quad\text{or, with } ρ:\quad
+       u ← ρ\sqrt{\max(d_{in}, d_{out})}\,u
+
+    The first is Jordan's width rule (an RMS→RMS operator norm of order one for an
+    orthogonal ``u``); the second (``consistent_rms=ρ``) gives an orthogonal update the RMS
+    ``ρ``, as AdamW's updates have (Liu et al. use ρ = 0.2). ``d_in × d_out`` is the matrix of
+    the same ``[batch, fan_in, fan_out]`` view as :func:`orthogonalize` (a ``MatrixSpec``'s
+    split counted); a leaf whose spec is ``None`` in a spec tree is left untouched, as
+    :func:`orthogonalize` leaves it.
+
+    Args:
+      weight_dimension_numbers: ``None`` (the last two axes of every leaf), one spec for
+        every leaf, a tree prefix of ``MuonDimensionNumbers | MatrixSpec | None``, or a
+        callable from updates to such a tree.
+      consistent_rms: ``ρ``, the update RMS to match; ``None`` takes the width rule.
+
+    Returns:
+      A stateless ``optax.GradientTransformation``.
+
+    Example:
+      >>> import jax.numpy as jnp, manifold_optax as mo
+      >>> tx = mo.scale_by_shape()
+      >>> u, _ = tx.update({"w": jnp.ones((2, 8))}, tx.init(None))
+      >>> float(u["w"][0, 0])  # √(8/2)
+      2.0
+
+    References:
+      Jordan et al., "Muon" (2024); Liu et al., "Muon is Scalable for LLM Training"
+      (arXiv:2502.16982, 2025).
+    """
 
     def update_fn(updates, state, params=None):
         del params
@@ -31,6 +61,9 @@ def scale_by_shape(
         specs = leaf_specs(weight_dimension_numbers, updates)
         new = []
         for x, s in zip(leaves, specs, strict=True):
+            if excluded(weight_dimension_numbers, s):
+                new.append(x)
+                continue
             fan_in, fan_out = fans(x, s)
             if consistent_rms is None:
                 scale = math.sqrt(max(1.0, fan_out / fan_in))

@@ -16,8 +16,12 @@ __all__ = ["MomentumState", "momentum"]
 
 
 class MomentumState(NamedTuple):
-    count: chex.Array  # int32 scalar
-    mu: Any  # first moment, like the params
+    """The state of :func:`momentum`: the step count ``t`` (an int32 scalar, the bias
+    correction's exponent) and the first moment ``m``, a tree like the parameters (in
+    ``mu_dtype`` when given, else each parameter's dtype)."""
+
+    count: chex.Array
+    mu: Any
 
 
 def momentum(
@@ -61,7 +65,14 @@ def momentum(
 
     def update_fn(updates, state, params=None):
         del params
-        mu = jax.tree.map(lambda m, g: beta * m.astype(g.dtype) + (1 - beta) * g, state.mu, updates)
+        # In the wider of the moment's and the gradient's dtypes; the moment keeps its own
+        # (float32 moments of bfloat16 gradients stay float32).
+        wide = lambda m, g: jnp.promote_types(m.dtype, g.dtype)
+        mu = jax.tree.map(
+            lambda m, g: beta * m.astype(wide(m, g)) + (1 - beta) * g.astype(wide(m, g)),
+            state.mu,
+            updates,
+        )
         count = optax.safe_increment(state.count)
         if bias_correction:
             c_now = 1 - beta ** count.astype(jnp.float32)
@@ -71,7 +82,8 @@ def momentum(
         if nesterov:
             out = jax.tree.map(
                 lambda m, g: (
-                    beta * (m / c_next.astype(m.dtype)) + (1 - beta) * (g / c_now.astype(g.dtype))
+                    beta * (m / c_next.astype(m.dtype))
+                    + (1 - beta) * (g.astype(m.dtype) / c_now.astype(m.dtype))
                 ).astype(g.dtype),
                 mu,
                 updates,
@@ -80,7 +92,9 @@ def momentum(
             out = jax.tree.map(
                 lambda m, g: (m / c_now.astype(m.dtype)).astype(g.dtype), mu, updates
             )
-        mu = optax.tree.cast(mu, mu_dtype)
+        mu = jax.tree.map(
+            lambda m, old: m.astype(mu_dtype if mu_dtype is not None else old.dtype), mu, state.mu
+        )
         return out, MomentumState(count=count, mu=mu)
 
     return placed(optax.GradientTransformationExtraArgs(init_fn, update_fn))

@@ -57,8 +57,12 @@ def retract(
 
     Args:
       manifold: a Manifold, a tree prefix of ``Manifold | None``, or a callable returning one.
-      power_iters: degree of the spectral sphere's warm block iteration per step.
-      sharding, group, weight_dimension_numbers: as in :func:`~manifold_optax.dual_ascent`.
+      power_iters: degree of the spectral sphere's warm block iteration per step (``None``:
+        ``SolverConfig().power_iters``, 6).
+      sharding: the many-device strategy (as in :func:`~manifold_optax.dual_ascent`).
+      group: batching of same-shape leaves (as in :func:`~manifold_optax.dual_ascent`).
+      weight_dimension_numbers: the matrix each leaf is (as in
+        :func:`~manifold_optax.dual_ascent`).
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` whose ``update`` needs ``params``; its
