@@ -390,8 +390,9 @@ def test_matmul_only_rayleigh_ritz_resolves_a_cluster(duplicate):
 def test_accelerator_rayleigh_ritz_resolves_a_cluster_and_a_zero_matrix(duplicate):
     # The accelerator path's refinement (linalg.warm_block) on the cluster above, from the
     # block itself with the lowest filter degree: the Ritz value within float32 round-off of
-    # λ₁ (2e-7 relative: the Rayleigh quotient of a vector formed after whitening, from float32
-    # products of length 64) and the top vector; a duplicated column (singular block Gram)
+    # λ₁ (4ε relative: the Rayleigh quotient of a vector formed after whitening, a ratio of
+    # two float32 reductions of length 64, each rounded, lands a few ulps from λ₁) and the
+    # top vector; a duplicated column (singular block Gram)
     # stays finite. A zero matrix gives λ = 0 and a unit vector.
     from manifold_optax.linalg.warm_block import refine_warm_block
 
@@ -401,7 +402,7 @@ def test_accelerator_rayleigh_ritz_resolves_a_cluster_and_a_zero_matrix(duplicat
             jnp.asarray(S, jnp.float32), jnp.asarray(V, jnp.float32), degree
         )
         assert np.isfinite(np.asarray(Q)).all()
-        assert abs(float(lam1) - 1.0) < 2e-7, (degree, float(lam1))
+        assert abs(float(lam1) - 1.0) <= 4 * np.finfo(np.float32).eps, (degree, float(lam1))
         assert abs(abs(float(np.asarray(z, np.float64) @ E[:, 0])) - 1) < 1e-3
     lam0, z0, Q0 = refine_warm_block(jnp.zeros((2, 8, 8)), jnp.ones((2, 8, 3)), 3)
     assert np.all(np.asarray(lam0) == 0) and np.all(np.isfinite(np.asarray(Q0)))
