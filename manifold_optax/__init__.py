@@ -44,7 +44,14 @@ from manifold_optax.transforms import (
     scale_by_modular_norm,
     scale_by_shape,
 )
+from manifold_optax.transforms.second_moments import (
+    ElementMomentState,
+    NeuronMomentState,
+    scale_by_element_second_moment,
+    scale_by_neuron_second_moment,
+)
 from manifold_optax.trust_region import trust_region
+from manifold_optax.variants import adamuon, normuon
 
 __version__ = "0.3.0"
 
@@ -71,6 +78,12 @@ __all__ = [
     "muon",
     "manifold_muon",
     "trust_region",
+    "normuon",
+    "adamuon",
+    "scale_by_neuron_second_moment",
+    "scale_by_element_second_moment",
+    "NeuronMomentState",
+    "ElementMomentState",
     *manifolds.__all__,
     "dual_ascent",
     "retract",

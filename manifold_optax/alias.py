@@ -94,10 +94,11 @@ def _dims(weight_dimension_numbers, muon_weight_dimension_numbers):
     return muon_weight_dimension_numbers
 
 
-def muon_chain(learning_rate, middle=(), *, scale=None, **kw):
+def muon_chain(learning_rate, middle=(), *, scale=None, pre=(), **kw):
     """Muon's matrix chain with ``middle`` transformations after the msign: momentum →
-    :func:`orthogonalize` → ``*middle`` → ``scale`` (default :func:`scale_by_shape`) →
-    decoupled weight decay → learning rate. ``kw`` are :func:`muon`'s matrix keywords."""
+    ``*pre`` → :func:`orthogonalize` → ``*middle`` → ``scale`` (default
+    :func:`scale_by_shape`) → decoupled weight decay → learning rate. ``kw`` are
+    :func:`muon`'s matrix keywords."""
     dims = kw["weight_dimension_numbers"]
     if scale is None:
         scale = scale_by_shape(dims, kw["consistent_rms"])
@@ -108,6 +109,7 @@ def muon_chain(learning_rate, middle=(), *, scale=None, **kw):
             bias_correction=kw["bias_correction"],
             mu_dtype=kw["mu_dtype"],
         ),
+        *pre,
         orthogonalize(
             kw["ns_steps"],
             kw["ns_coeffs"],
@@ -255,7 +257,7 @@ def muon_arguments(learning_rate, **kwargs) -> dict:
     return dict(bound.arguments)
 
 
-def build_muon(kw: dict, middle=(), *, scale=None, name: str = "muon"):
+def build_muon(kw: dict, middle=(), *, scale=None, pre=(), name: str = "muon"):
     """The optimizer :func:`muon` returns for its arguments ``kw`` (:func:`muon_arguments`),
     with ``middle`` transformations after the msign and ``scale`` in place of
     :func:`scale_by_shape` (see :func:`muon_chain`); ``name`` labels its errors."""
@@ -265,7 +267,7 @@ def build_muon(kw: dict, middle=(), *, scale=None, name: str = "muon"):
     matrix_kw = {k: kw[k] for k in _MATRIX_KEYWORDS}
     matrix_kw["weight_dimension_numbers"] = dims
     matrix_kw["normalization"] = _normalization(kw["normalization"], kw["preconditioning"])
-    matrix_tx = muon_chain(learning_rate, middle, scale=scale, **matrix_kw)
+    matrix_tx = muon_chain(learning_rate, middle, scale=scale, pre=pre, **matrix_kw)
     fallback_tx = adamw_fallback(
         adam_learning_rate,
         b1=kw["adam_b1"],
