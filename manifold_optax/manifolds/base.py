@@ -57,9 +57,9 @@ class SolverConfig:
       tol: residual (relative tangent violation) at which the fixed-point iterations stop.
       gap_tol: relative duality gap at which ``"exact"`` stops (at least ``256·ε`` of the
         working precision).
-      smoothing_max_size: largest multiplier (entries per matrix) for which ``"exact"``
-        continues with Newton's method on the smoothed dual when the fixed point leaves a gap
-        (its Hessian is dense); larger ones report the fixed point's gap.
+      smoothing_max_size: largest multiplier (entries per matrix) whose Newton steps on the
+        smoothed dual form its dense Hessian; larger ones run :func:`~.newton_cg.newton_cg`.
+      cg_iters: cap of the conjugate-gradient products per matrix-free Newton step.
       inner_steps: dual-ascent steps per call (``"dual_ascent"``).
       dual_learning_rate: ``η₂`` of the dual step, in units of the normalized gradient
         (``None``: the manifold's :attr:`~Manifold.default_dual_learning_rate`).
@@ -72,7 +72,8 @@ class SolverConfig:
     max_iters: int = 200
     tol: float = 1e-6
     gap_tol: float = 1e-6
-    smoothing_max_size: int = 1024
+    smoothing_max_size: int = 64
+    cg_iters: int = 40
     inner_steps: int = 20
     dual_learning_rate: float | None = None
     power_iters: int = 6
@@ -301,6 +302,11 @@ class Manifold:
             return msign_svd(Z)
         return msign(Z, steps=config.ns_steps, precision=HIGHEST)
 
+    def dual_preconditioner(self, W, theta, U, s, V, mu):
+        """``M⁻¹ ≈ ∇²f_μ⁻¹`` on multipliers for the matrix-free Newton steps, given the thin
+        SVD ``UΣVᵀ`` of ``Ĝ + C_W*(Y)`` (one matrix); here the identity."""
+        return lambda R: R
+
     def initial_multiplier(self, Gn, W, aux):
         """The multiplier of the tangent projection of ``Ĝ`` (a warm start)."""
         theta = self.theta(W, aux)
@@ -332,10 +338,9 @@ class Manifold:
 
         ``"exact"`` runs the manifold's fast solver (a fixed point, a scalar root), certifies
         it by the duality gap (``docs/math.md``, The certificate) and, where the gap exceeds
-        ``config.gap_tol`` (a degenerate dual: ``Ĝ + C_W*(Y*)`` rank-deficient), continues with
-        Newton's method on the smoothed dual
-        (:func:`~manifold_optax.manifolds.certified.smoothed_newton`; multipliers of at most
-        ``config.smoothing_max_size`` entries per matrix) until the gap is within it.
+        ``config.gap_tol``, continues with Newton's method on the smoothed dual until it is
+        within it (:func:`~manifold_optax.manifolds.certified.smoothed_newton` up to
+        ``config.smoothing_max_size`` multiplier entries, else matrix-free Newton–CG).
         ``"fixed_point"`` stops at its residual; ``"dual_ascent"`` and ``"online"`` take
         their fixed number of dual steps.
 
@@ -369,10 +374,7 @@ class Manifold:
         scale = fro(G) / math.sqrt(min(G.shape[-2:]))
         scale = jnp.where(scale > 0, scale, 1.0)
         Gn = G / scale[..., None, None]
-        if Y is None:
-            Y = self.initial_multiplier(Gn, W, aux)
-        else:
-            Y = jnp.asarray(Y, W.dtype)
+        Y = self.initial_multiplier(Gn, W, aux) if Y is None else jnp.asarray(Y, W.dtype)
         Phi, Y = self.solve_multiplier(Gn, W, Y, aux, solver, config)
         theta = self.theta(W, aux)
         if solver == "exact" or certify:
@@ -389,13 +391,10 @@ class Manifold:
         return Solution(unflat(Phi.astype(out_dtype)), Y, aux, info)
 
     def _as_matrices(self, W, G):
-        W = jnp.asarray(W)
-        out_dtype = W.dtype
+        W, G = jnp.asarray(W), jnp.asarray(G)
+        out_dtype, shape = W.dtype, W.shape
         if W.ndim < 2:
-            shape = W.shape
-            W, G = W.reshape(1, -1), jnp.asarray(G).reshape(1, -1)
-            unflat = lambda x: x.reshape(shape)
-        else:
-            unflat = lambda x: x
+            W, G = W.reshape(1, -1), G.reshape(1, -1)
+        unflat = (lambda x: x.reshape(shape)) if len(shape) < 2 else (lambda x: x)
         acc = jnp.float64 if out_dtype == jnp.float64 else jnp.float32
-        return W.astype(acc), jnp.asarray(G).astype(acc), out_dtype, unflat
+        return W.astype(acc), G.astype(acc), out_dtype, unflat

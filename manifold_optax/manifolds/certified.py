@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 
 from manifold_optax.manifolds._ops import hp_matmul, inner, merge_batch, transpose
+from manifold_optax.manifolds.newton_cg import newton_cg, polar_derivative, relative_gap
 
 __all__ = ["SolveInfo", "certify", "certified_solve", "smoothed_newton", "gap_tolerance"]
 
@@ -79,36 +80,8 @@ def certify(manifold, Gn, W, Phi, Y, theta):
     return Pf, inner(Gn, Pf), U
 
 
-def relative_gap(L, U):
-    return jnp.where(U > 0, (U - L) / jnp.where(U > 0, U, 1.0), 0.0)
-
-
 def _smoothed_direction(U, s, V, r):
     return hp_matmul(U * (s / r), transpose(V))
-
-
-def _direction_derivative(U, s, V, r, mu, D):
-    """The derivative of ``Z ↦ Z(ZᵀZ + μ²I)^{-1/2}`` at ``Z = UΣVᵀ`` (thin SVD) along ``D``.
-
-    In the singular bases, with ``g(σ) = σ/r``, ``r = √(σ² + μ²)``: the symmetric part of
-    ``UᵀDV`` scales by the divided difference ``(g_i − g_j)/(σ_i − σ_j)
-    = μ²(σ_i + σ_j)/(r_i r_j (σ_i r_j + σ_j r_i))``, the skew part by ``(g_i + g_j)/(σ_i + σ_j)``
-    (both finite at ``σ_i = σ_j``, including 0), and the parts of ``D`` outside the column
-    (row) span by ``1/r_j``.
-    """
-    si, sj = s[:, None], s[None, :]
-    ri, rj = r[:, None], r[None, :]
-    den = si * rj + sj * ri
-    ratio = jnp.where(den > 0, (si + sj) / jnp.where(den > 0, den, 1.0), 1.0 / ri)
-    sym_scale = mu * mu * ratio / (ri * rj)
-    skew_scale = 1.0 / (ri * rj * ratio)
-    DV = hp_matmul(D, V)
-    UtD = hp_matmul(transpose(U), D)
-    Dt = hp_matmul(UtD, V)
-    S, K = 0.5 * (Dt + transpose(Dt)), 0.5 * (Dt - transpose(Dt))
-    out = hp_matmul(hp_matmul(U, sym_scale * S + skew_scale * K), transpose(V))
-    out = out + hp_matmul((DV - hp_matmul(U, Dt)) / r, transpose(V))
-    return out + hp_matmul(U, (UtD - hp_matmul(Dt, transpose(V))) / r[:, None])
 
 
 def smoothed_newton(manifold, Gn, W, start, theta, config, tol: float):
@@ -147,7 +120,7 @@ def smoothed_newton(manifold, Gn, W, start, theta, config, tol: float):
         U, s, V = _svd(Gn + Cs(Y))
         r = jnp.sqrt(s * s + mu * mu)
         g = C(_smoothed_direction(U, s, V, r)).reshape(-1)
-        hvp = lambda d: C(_direction_derivative(U, s, V, r, mu, Cs(d))).reshape(-1)
+        hvp = lambda d: C(polar_derivative(U, s, V, r, mu, Cs(d))).reshape(-1)
         H = jax.vmap(hvp)(basis)
         lam, Q = jnp.linalg.eigh(0.5 * (H + transpose(H)))
         keep = lam > cut * jnp.maximum(lam[-1], 0.0)
@@ -209,7 +182,8 @@ def certified_solve(manifold, Gn, W, Phi, Y, theta, solver: str, config):
     gap is above :func:`gap_tolerance`."""
     tol = gap_tolerance(config, W.dtype)
     per_y = int(math.prod(Y.shape[W.ndim - 2 :]))
-    newton = solver == "exact" and per_y <= config.smoothing_max_size
+    newton = solver == "exact"
+    second_order = smoothed_newton if per_y <= config.smoothing_max_size else newton_cg
 
     def one(Gn, W, Phi, Y, theta):
         Pf, L, U = certify(manifold, Gn, W, Phi, Y, theta)
@@ -217,7 +191,7 @@ def certified_solve(manifold, Gn, W, Phi, Y, theta, solver: str, config):
         if newton:
 
             def refine(_):
-                *best, kn = smoothed_newton(manifold, Gn, W, (Pf, L, Y, U), theta, config, tol)
+                *best, kn = second_order(manifold, Gn, W, (Pf, L, Y, U), theta, config, tol)
                 return (*best, jnp.asarray(kn, jnp.int32))
 
             Pf, L, Y, U, k = jax.lax.cond(

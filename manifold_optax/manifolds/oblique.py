@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 
 from manifold_optax.manifolds import solvers
-from manifold_optax.manifolds._ops import fro, working
+from manifold_optax.manifolds._ops import fro, hp_matmul, transpose, working
 from manifold_optax.manifolds.base import SOLVERS, Manifold
 
 __all__ = ["Oblique"]
@@ -91,6 +91,36 @@ class Oblique(Manifold):
 
     def initial_multiplier(self, Gn, W, aux):
         return -self.constraint(W, Gn)
+
+    def dual_preconditioner(self, W, theta, U, s, V, mu):
+        """Jacobi: ``R ↦ R/diag(∇²f_μ)``, the exact diagonal of the smoothed dual's Hessian
+        in closed form, from one product ``P = UᵀŴ``. With ``a = P e_k``, ``b = Vᵀe_k`` (so
+        ``Uᵀ C_W*(e_k) V = abᵀ``) and the divided differences ``A`` (symmetric part) and
+        ``B`` (skew part) of :func:`~manifold_optax.manifolds.newton_cg.spectral_scales`,
+
+        .. math::
+
+           H_{kk} = (a^{∘2})^⊤\\tfrac{A+B}{2}b^{∘2} + (a∘b)^⊤\\tfrac{A-B}{2}(a∘b)
+                  + (1 - ‖a‖^2)\\,(b^{∘2})^⊤r^{-1} + (1 - ‖b‖^2)\\,(a^{∘2})^⊤r^{-1}
+
+        (the last two terms: the parts of ``C_W*(e_k)`` outside the column and row spans of
+        ``Z``). Rows (``axis=-1``) read the transpose."""
+        from manifold_optax.manifolds.newton_cg import spectral_scales
+
+        Wu = self._unit(W)
+        if self.axis == -1:
+            Wu, U, V = transpose(Wu), V, U
+        r = jnp.sqrt(s * s + mu * mu)
+        A, B = spectral_scales(s, r, mu)
+        P = hp_matmul(transpose(U), Wu)  # [k, cols]: column j is Uᵀŵ_j
+        Vb = transpose(V)  # [k, cols]: column j is Vᵀe_j
+        ab = P * Vb
+        d = jnp.sum(P * P * hp_matmul(0.5 * (A + B), Vb * Vb), axis=0)
+        d = d + jnp.sum(ab * hp_matmul(0.5 * (A - B), ab), axis=0)
+        d = d + (1.0 - jnp.sum(P * P, axis=0)) * hp_matmul(1.0 / r, Vb * Vb)
+        d = d + (1.0 - jnp.sum(Vb * Vb, axis=0)) * hp_matmul(1.0 / r, P * P)
+        floor = jnp.finfo(d.dtype).eps * jnp.max(jnp.abs(d))
+        return lambda R: R / jnp.maximum(d, floor)
 
     def solve_multiplier(self, Gn, W, Y, aux, solver, config):
         if solver in ("dual_ascent", "online"):

@@ -157,6 +157,20 @@ class Stiefel(Manifold):
     def initial_multiplier(self, Gn, W, aux):
         return -sym(cross(W, Gn))
 
+    def dual_preconditioner(self, W, theta, U, s, V, mu):
+        """The Lyapunov preconditioner ``R ↦ B[(BᵀRB) ⊙ (r_i + r_j)/2]Bᵀ``, ``B`` the
+        short-side singular basis of ``Z = Ĝ + W·Y`` (``V`` tall, ``U`` wide),
+        ``r = √(σ² + μ²)``: the inverse of the smoothed dual's Hessian when ``W`` spans ``Z``'s
+        column space, where the Hessian scales ``BᵀDB`` by ``2/(r_i + r_j)`` (the polar
+        factor's derivative: the skew part by ``2/(σ_i + σ_j)``, the normal part by ``1/σ``;
+        Su's Lyapunov step is this map at ``μ = 0``)."""
+        B = V if W.shape[-2] > W.shape[-1] else U
+        r = jnp.sqrt(s * s + mu * mu)
+        scale = 0.5 * (r[:, None] + r[None, :])
+        return lambda R: hp_matmul(
+            hp_matmul(B, scale * hp_matmul(hp_matmul(transpose(B), R), B)), transpose(B)
+        )
+
     def reads_multiplier(self, shape) -> bool:
         return shape[-1] != shape[-2]
 
