@@ -2,6 +2,12 @@
 violation of 1e-6, in float64, and the "project G, then msign" heuristic's value.
 
 Run: ``python benchmarks/solver_bench.py [--quick]``. Writes ``benchmarks/results/solvers.json``.
+``--certified [--big]``: the certified exact solve (``Manifold.solve(..., "exact")``) of
+Stiefel and Oblique problems at layer size, tall and wide, nearly square and with
+rank-deficient gradients, to a relative duality gap of 2e-3 (float32) or 1e-6 (float64)
+(``gap_tol``, and the fixed point's ``tol``), the gap recomputed in float64 from the returned
+direction and multiplier; writes ``benchmarks/results/solvers_certified.json`` (``--big``: the
+4096×1024 cases, one solve each, merged into that file).
 
 Solvers: ``exact`` (Su's fixed point + Anderson mixing, one SVD per iteration),
 ``fixed_point`` (Su's plain fixed point), ``dual_ascent`` (``Y ← Y − η₂·sym(WᵀΦ)`` with a
@@ -14,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
+import statistics
 import sys
 import time
 
@@ -124,10 +131,111 @@ def heuristic(n=64, m=32, seed=0):
     }
 
 
+#: (manifold, shape, dtype, gradient rank or None) of the certified solve.
+CERTIFIED = [
+    (man, shape, "float32", None)
+    for shape in [(1024, 256), (256, 1024), (2048, 512), (512, 2048)]
+    for man in ("Stiefel", "Oblique")
+] + [
+    ("Stiefel", (512, 128), "float64", None),
+    ("Oblique", (512, 128), "float64", None),
+    ("Stiefel", (256, 255), "float32", None),
+    ("Stiefel", (256, 252), "float32", None),
+    ("Oblique", (256, 256), "float32", None),
+    ("Stiefel", (128, 127), "float64", None),
+    ("Stiefel", (1024, 256), "float32", 32),
+    ("Oblique", (1024, 256), "float32", 32),
+]
+BIG = [("Stiefel", (4096, 1024), "float32", None), ("Oblique", (4096, 1024), "float32", None)]
+
+
+def certified_case(name, shape, dtype, rank, reps):
+    """One certified solve: its gap (reported and recomputed in float64), Newton steps, and
+    its time in msigns of the same matrix (``SolverConfig.ns_steps`` steps, HIGHEST
+    precision, the working dtype), the ratio taken within each of ``reps`` rounds."""
+    man = getattr(mo, name)()
+    rng = np.random.default_rng(0)
+    W = man.project(jnp.asarray(rng.standard_normal(shape), dtype))
+    if rank is None:
+        G = rng.standard_normal(shape)
+    else:
+        G = rng.standard_normal((shape[0], rank)) @ rng.standard_normal((rank, shape[1]))
+    G = jnp.asarray(G, dtype)
+    tol = 2e-3 if dtype == "float32" else 1e-6
+    cfg = M.SolverConfig(gap_tol=tol, tol=tol)  # the fixed point stops at the same residual
+    solve = jax.jit(lambda G, W: man.solve(G, W, "exact", config=cfg))
+    unit = jax.jit(lambda Z: mo.msign(Z, steps=cfg.ns_steps, precision=jax.lax.Precision.HIGHEST))
+    sol = jax.block_until_ready(solve(G, W))
+    jax.block_until_ready(unit(G))
+    ratios, secs = [], []
+    for _ in range(reps):
+        ts = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            jax.block_until_ready(unit(G))
+            ts.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        sol = jax.block_until_ready(solve(G, W))
+        secs.append(time.perf_counter() - t0)
+        ratios.append(secs[-1] / sorted(ts)[1])
+    # The certificate recomputed in float64: L = ⟨Ĝ, Φ⟩ (Φ feasible: σ₁ and C_W(Φ) recorded),
+    # U = ‖Ĝ + C_W*(Y)‖_*.
+    G64, P64 = np.asarray(G, np.float64), np.asarray(sol.direction, np.float64)
+    with jax.enable_x64(True):
+        W64, Y64 = (
+            jnp.asarray(np.asarray(W, np.float64)),
+            jnp.asarray(np.asarray(sol.multiplier, np.float64)),
+        )
+        adj = np.asarray(man.adjoint(W64, Y64))
+        viol = float(man.tangent_violation(W64, jnp.asarray(P64)))
+    scale = np.linalg.norm(G64) / np.sqrt(min(shape))
+    U = np.linalg.svd(G64 / scale + adj, compute_uv=False).sum()
+    L = float(np.sum(G64 * P64)) / scale
+    return {
+        "manifold": name,
+        "shape": "x".join(map(str, shape)),
+        "dtype": dtype,
+        "rank": rank,
+        "gap_tol": tol,
+        "gap": float(sol.info.duality_gap),
+        "gap_float64": (U - L) / U,
+        "sigma1_minus_1": float(np.linalg.svd(P64, compute_uv=False)[0] - 1.0),
+        "tangent_violation": viol,
+        "newton_steps": int(sol.info.iterations),
+        "converged": bool(sol.info.converged),
+        "seconds": statistics.median(secs),
+        "msign_eq": statistics.median(ratios),
+    }
+
+
+def certified(big: bool):
+    """Run :data:`CERTIFIED` (``big``: :data:`BIG` only, merged into the file's rows)."""
+    out = pathlib.Path(__file__).parent / "results" / "solvers_certified.json"
+    rows = json.loads(out.read_text())["cases"] if big and out.exists() else []
+    key = lambda r: (r["manifold"], r["shape"], r["dtype"], r["rank"])
+    for name, shape, dtype, rank in BIG if big else CERTIFIED:
+        reps = 1 if max(shape) >= 2048 else 3
+        r = certified_case(name, shape, dtype, rank, reps)
+        rows = [x for x in rows if key(x) != key(r)] + [r]
+        print(
+            f"| {r['manifold']} | {r['shape']} | {dtype} | {rank or 'full'} | {r['gap']:.1e} | "
+            f"{r['gap_float64']:.1e} | {r['newton_steps']} | {r['msign_eq']:.1f} |",
+            flush=True,
+        )
+        out.write_text(json.dumps({"machine": machine(), "cases": rows}, indent=1))
+    print(f"wrote {out}")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--certified", action="store_true")
+    ap.add_argument("--big", action="store_true")
     a = ap.parse_args()
+    if a.certified:
+        print("| manifold | shape | dtype | gradient rank | gap | float64 gap | Newton | msigns |")
+        print("|---|---|---|---|---|---|---|---|")
+        return certified(a.big)
     shapes = [(64, 32), (256, 64), (1024, 128), (512, 512)]
     if a.quick:
         shapes = [(64, 32), (256, 64)]

@@ -252,6 +252,39 @@ def solver_section(out_dir) -> list[str]:
     return lines
 
 
+def certified_section(out_dir) -> list[str]:
+    r = load("solvers_certified.json")
+    if r is None:
+        return []
+    lines = ["## The certified exact solve at layer size", ""]
+    lines += [
+        '`python benchmarks/solver_bench.py --certified [--big]`: `Manifold.solve(G, W, "exact")`',
+        "to a relative duality gap of 2e-3 (float32) or 1e-6 (float64); the gap as reported and",
+        "recomputed in float64 from the returned direction and multiplier, the Newton steps",
+        "(dense below `SolverConfig.smoothing_max_size` multiplier entries, matrix-free",
+        "Newton–CG above), and the time in units of one msign of the same matrix",
+        "(`ns_steps` Newton–Schulz steps, HIGHEST precision, the working dtype).",
+        "",
+        machine_line(r),
+        "",
+    ]
+    rows = [
+        (
+            c["manifold"],
+            c["shape"],
+            c["dtype"],
+            c["rank"] or "full",
+            g(c["gap"], ".1e"),
+            g(c["gap_float64"], ".1e"),
+            c["newton_steps"],
+            g(c["msign_eq"], ".0f"),
+        )
+        for c in r["cases"]
+    ]
+    header = ("manifold", "shape", "dtype", "rank of G", "gap", "float64 gap", "Newton", "msigns")
+    return lines + table(header, rows) + [""]
+
+
 def spectral_section(out_dir) -> list[str]:
     lines = []
     for name, path in (
@@ -415,6 +448,7 @@ def main(argv=None):
         step_section,
         ops_section,
         solver_section,
+        certified_section,
         spectral_section,
         sharding_section,
         lm_section,

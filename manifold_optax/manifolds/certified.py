@@ -19,7 +19,9 @@ is smooth and convex, with gradient ``C_W(Φ_μ)``, ``Φ_μ = Z(ZᵀZ + μ²I)^{
 ``Φ_μ`` is feasible and within ``μ·min(rows, cols)`` of the optimum. Newton's method (the
 Hessian from the derivative of the spectral function ``σ ↦ σ/√(σ² + μ²)``, Daleckii–Krein)
 with ``μ`` decreasing geometrically tracks the smoothed minimizers, and the best lower and
-upper bounds seen stop it on the gap.
+upper bounds seen stop it on the gap. The Hessian is dense in the multiplier (``p×p`` from
+``p`` directional derivatives): above ``SolverConfig.smoothing_max_size`` entries the Newton
+system is solved matrix-free instead (:func:`~manifold_optax.manifolds.newton_cg.newton_cg`).
 """
 
 from __future__ import annotations
@@ -177,9 +179,10 @@ def smoothed_newton(manifold, Gn, W, start, theta, config, tol: float):
 
 def certified_solve(manifold, Gn, W, Phi, Y, theta, solver: str, config):
     """Per matrix of ``[*batch, rows, cols]``: the feasible version of ``Φ``, the multiplier
-    and a :class:`SolveInfo` certifying them; for ``solver="exact"`` (and multipliers of at
-    most ``config.smoothing_max_size`` entries) :func:`smoothed_newton` continues where the
-    gap is above :func:`gap_tolerance`."""
+    and a :class:`SolveInfo` certifying them; for ``solver="exact"`` Newton's method on the
+    smoothed dual continues where the gap is above :func:`gap_tolerance`:
+    :func:`smoothed_newton` for multipliers of at most ``config.smoothing_max_size`` entries,
+    :func:`~manifold_optax.manifolds.newton_cg.newton_cg` above."""
     tol = gap_tolerance(config, W.dtype)
     per_y = int(math.prod(Y.shape[W.ndim - 2 :]))
     newton = solver == "exact"
