@@ -2,7 +2,7 @@
 violation of 1e-6, in float64, and the "project G, then msign" heuristic's value.
 
 Run: ``python benchmarks/solver_bench.py [--quick]``. Writes ``benchmarks/results/solvers.json``.
-``--certified [--big]``: the certified exact solve (``Manifold.solve(..., "exact")``) of
+``--certified [--big] [--only NAME]``: the certified exact solve (``Manifold.solve(..., "exact")``) of
 Stiefel and Oblique problems at layer size, tall and wide, nearly square and with
 rank-deficient gradients, to a relative duality gap of 2e-3 (float32) or 1e-6 (float64)
 (``gap_tol``, and the fixed point's ``tol``), the gap recomputed in float64 from the returned
@@ -208,12 +208,15 @@ def certified_case(name, shape, dtype, rank, reps):
     }
 
 
-def certified(big: bool):
-    """Run :data:`CERTIFIED` (``big``: :data:`BIG` only, merged into the file's rows)."""
+def certified(big: bool, only: str | None):
+    """Run :data:`CERTIFIED` (``big``: :data:`BIG`; ``only``: one manifold's cases), merged
+    into the file's rows when either is given."""
     out = pathlib.Path(__file__).parent / "results" / "solvers_certified.json"
-    rows = json.loads(out.read_text())["cases"] if big and out.exists() else []
+    merge = (big or only) and out.exists()
+    rows = json.loads(out.read_text())["cases"] if merge else []
     key = lambda r: (r["manifold"], r["shape"], r["dtype"], r["rank"])
-    for name, shape, dtype, rank in BIG if big else CERTIFIED:
+    cases = [c for c in (BIG if big else CERTIFIED) if only in (None, c[0])]
+    for name, shape, dtype, rank in cases:
         reps = 1 if max(shape) >= 2048 else 3
         r = certified_case(name, shape, dtype, rank, reps)
         rows = [x for x in rows if key(x) != key(r)] + [r]
@@ -231,11 +234,12 @@ def main():
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--certified", action="store_true")
     ap.add_argument("--big", action="store_true")
+    ap.add_argument("--only", choices=("Stiefel", "Oblique"), help="one manifold's cases")
     a = ap.parse_args()
     if a.certified:
         print("| manifold | shape | dtype | gradient rank | gap | float64 gap | Newton | msigns |")
         print("|---|---|---|---|---|---|---|---|")
-        return certified(a.big)
+        return certified(a.big, a.only)
     shapes = [(64, 32), (256, 64), (1024, 128), (512, 512)]
     if a.quick:
         shapes = [(64, 32), (256, 64)]

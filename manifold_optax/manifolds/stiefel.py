@@ -88,6 +88,12 @@ def polish_certificates(A):
     return cubic_ok, f <= quintic_tol
 
 
+#: Anderson steps of ``"exact"`` before the certified Newton takes over: tall, skinny
+#: problems converge within them, nearly square ones (degenerate or slowly contracting duals)
+#: stall at one SVD a step, where a Newton step on the smoothed dual costs about as much.
+EXACT_ANDERSON = 20
+
+
 @dataclasses.dataclass(frozen=True)
 class Stiefel(Manifold):
     """Orthonormal columns when tall (``WᵀW = I``), orthonormal rows when wide or square
@@ -106,9 +112,10 @@ class Stiefel(Manifold):
     as stored, never through a transposed copy: a square ``W`` takes the row form
     (``sym(WΦᵀ)``, ``X·W``, ``VVᵀ``).
 
-    Solvers: ``"exact"`` is Su's fixed point accelerated by Anderson mixing, certified by its
-    duality gap and continued by Newton's method on the smoothed dual where the dual is
-    degenerate (nearly square matrices; :mod:`~manifold_optax.manifolds.certified`);
+    Solvers: ``"exact"`` is Su's fixed point accelerated by Anderson mixing (at most
+    :data:`EXACT_ANDERSON` steps), certified by its duality gap and continued by Newton's
+    method on the smoothed dual where a gap is left (degenerate duals of nearly square
+    matrices; :mod:`~manifold_optax.manifolds.certified`);
     ``"fixed_point"`` the plain one (fast for tall, skinny matrices), both one matrix at a
     time; the dual-ascent solvers return ``Φ`` projected onto the tangent space and divided by
     ``1 + ‖W·c‖_F`` (:meth:`tangent_in_ball`).
@@ -209,6 +216,8 @@ class Stiefel(Manifold):
             steps = 1 if solver == "online" else config.inner_steps
             return solvers.dual_ascent(self, Gn, W, Y, None, steps, config)
         tall = lambda x: transpose(x) if x.shape[-2] < x.shape[-1] else x
+        if solver == "exact":  # the certified Newton continues where the fixed point stalls
+            config = dataclasses.replace(config, max_iters=min(config.max_iters, EXACT_ANDERSON))
         Phi, X, _ = su_solve(tall(Gn), tall(W), Y, config, anderson=solver == "exact")
         return (transpose(Phi) if n < m else Phi), X
 
