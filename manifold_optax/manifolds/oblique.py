@@ -10,6 +10,7 @@ import jax.numpy as jnp
 from manifold_optax.manifolds import solvers
 from manifold_optax.manifolds._ops import fro, hp_matmul, transpose, working
 from manifold_optax.manifolds.base import SOLVERS, Manifold
+from manifold_optax.manifolds.newton_cg import spectral_scales
 
 __all__ = ["Oblique"]
 
@@ -105,8 +106,6 @@ class Oblique(Manifold):
 
         (the last two terms: the parts of ``C_W*(e_k)`` outside the column and row spans of
         ``Z``). Rows (``axis=-1``) read the transpose."""
-        from manifold_optax.manifolds.newton_cg import spectral_scales
-
         Wu = self._unit(W)
         if self.axis == -1:
             Wu, U, V = transpose(Wu), V, U
