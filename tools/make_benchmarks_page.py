@@ -258,8 +258,9 @@ def certified_section(out_dir) -> list[str]:
         return []
     lines = ["## The certified exact solve at layer size", ""]
     lines += [
-        '`python benchmarks/solver_bench.py --certified [--big]`: `Manifold.solve(G, W, "exact")`',
-        "to a relative duality gap of 2e-3 (float32) or 1e-6 (float64); the gap as reported and",
+        "`python benchmarks/solver_bench.py --certified [--big] [--only NAME]`:",
+        '`Manifold.solve(G, W, "exact")` to a relative duality gap of 2e-3 (float32) or 1e-6',
+        "(float64); the gap as reported and",
         "recomputed in float64 from the returned direction and multiplier, the Newton steps",
         "(dense below `SolverConfig.smoothing_max_size` multiplier entries, matrix-free",
         "Newton–CG above), and the time in units of one msign of the same matrix",
