@@ -33,7 +33,12 @@ import jax
 import jax.numpy as jnp
 
 from manifold_optax.manifolds._ops import hp_matmul, inner, merge_batch, transpose
-from manifold_optax.manifolds.newton_cg import newton_cg, polar_derivative, relative_gap
+from manifold_optax.manifolds.newton_cg import (
+    keep_best,
+    newton_cg,
+    polar_derivative,
+    relative_gap,
+)
 
 __all__ = ["SolveInfo", "certify", "certified_solve", "smoothed_newton", "gap_tolerance"]
 
@@ -153,16 +158,7 @@ def smoothed_newton(manifold, Gn, W, start, theta, config, tol: float):
         U, s, V = _svd(Gn + Cs(Y))
         Phi = _smoothed_direction(U, s, V, jnp.sqrt(s * s + mu * mu))
         Pf, L, Ub = certify(manifold, Gn, W, Phi, Y, theta)
-        bPf, bL, bY, bU = best
-        better_L, better_U = L > bL, Ub < bU
-        before = relative_gap(bL, bU)
-        best = (
-            jnp.where(better_L, Pf, bPf),
-            jnp.where(better_L, L, bL),
-            jnp.where(better_U, Y, bY),
-            jnp.where(better_U, Ub, bU),
-        )
-        improved = relative_gap(best[1], best[3]) < 0.5 * before
+        best, improved = keep_best(best, Pf, L, Y, Ub)
         return Y, mu * 0.2, best, k, j + 1, jnp.where(improved, 0, stale + 1)
 
     def go_on(c):

@@ -58,6 +58,22 @@ def relative_gap(L, U):
     return jnp.where(U > 0, (U - L) / jnp.where(U > 0, U, 1.0), 0.0)
 
 
+def keep_best(best, Pf, L, Y, Ub):
+    """The best certificate so far, ``(Φ, ⟨G, Φ⟩, Y, ‖G + C_W*(Y)‖_*)``: the primal of the
+    larger value and the multiplier of the smaller dual bound, each kept separately; and
+    whether the relative gap at least halved."""
+    bPf, bL, bY, bU = best
+    better_L, better_U = L > bL, Ub < bU
+    before = relative_gap(bL, bU)
+    best = (
+        jnp.where(better_L, Pf, bPf),
+        jnp.where(better_L, L, bL),
+        jnp.where(better_U, Y, bY),
+        jnp.where(better_U, Ub, bU),
+    )
+    return best, relative_gap(best[1], best[3]) < 0.5 * before
+
+
 def spectral_scales(s, r, mu):
     """``(A, B)``, ``k×k``: the divided differences of ``g(σ) = σ/r``, ``r = √(σ² + μ²)``,
     that scale the symmetric part (``A_ij = (g_i − g_j)/(σ_i − σ_j)
@@ -255,16 +271,7 @@ def newton_cg(manifold, Gn, W, start, theta, config, tol: float):
             more, newton_step, (Y, sv, mu, inf, k, jnp.asarray(False))
         )
         Pf, L, Ub = certificate(Y, sv, mu)
-        bPf, bL, bY, bU = best
-        better_L, better_U = L > bL, Ub < bU
-        before = relative_gap(bL, bU)
-        best = (
-            jnp.where(better_L, Pf, bPf),
-            jnp.where(better_L, L, bL),
-            jnp.where(better_U, Y, bY),
-            jnp.where(better_U, Ub, bU),
-        )
-        improved = relative_gap(best[1], best[3]) < 0.5 * before
+        best, improved = keep_best(best, Pf, L, Y, Ub)
         return Y, sv, mu * SHRINK, best, k, j + 1, jnp.where(improved, 0, stale + 1)
 
     def go_on(c):

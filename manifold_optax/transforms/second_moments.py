@@ -22,17 +22,23 @@ __all__ = [
 ]
 
 
-def _views(tree, weight_dimension_numbers):
-    """Per leaf: ``(view [b, fan_in, fan_out] in float32, unview)`` or ``None`` if excluded."""
-    specs = leaf_specs(weight_dimension_numbers, tree)
-    out = []
-    for x, s, p in zip(jax.tree.leaves(tree), specs, paths(tree), strict=True):
+def _per_matrix(updates, nu_tree, weight_dimension_numbers, fn):
+    """``(updates, nu)`` with ``fn(O, V) → (O', V')`` applied to each matrix leaf's
+    ``[batch, fan_in, fan_out]`` view ``O`` (float32) and the same view ``V`` of its stored
+    moment; a leaf whose spec is ``None`` in a spec tree passes through with its moment."""
+    specs = leaf_specs(weight_dimension_numbers, updates)
+    leaves, treedef = jax.tree.flatten(updates)
+    new_u, new_nu = [], []
+    for x, nu, s, p in zip(leaves, jax.tree.leaves(nu_tree), specs, paths(updates), strict=True):
         if excluded(weight_dimension_numbers, s):
-            out.append(None)
+            new_u.append(x)
+            new_nu.append(nu)
             continue
-        v, inv = matrix_view(x, s, p)
-        out.append((v, inv, s, p))
-    return out
+        o, inv = matrix_view(x, s, p)
+        out, v = fn(o.astype(jnp.float32), matrix_view(nu, s, p)[0])
+        new_u.append(inv(out).astype(x.dtype))
+        new_nu.append(inv(v))
+    return jax.tree.unflatten(treedef, new_u), jax.tree.unflatten(treedef, new_nu)
 
 
 def _fro(x):
@@ -88,27 +94,16 @@ def scale_by_neuron_second_moment(
 
     def update_fn(updates, state, params=None):
         del params
-        views = _views(updates, weight_dimension_numbers)
-        leaves, treedef = jax.tree.flatten(updates)
-        nus = jax.tree.leaves(state.nu)
-        new_u, new_nu = [], []
-        for x, view, nu in zip(leaves, views, nus, strict=True):
-            if view is None:
-                new_u.append(x)
-                new_nu.append(nu)
-                continue
-            o, inv, spec, path = view
-            o = o.astype(jnp.float32)
-            old = matrix_view(nu, spec, path)[0][:, :1, :]
-            nu = beta2 * old + (1 - beta2) * jnp.mean(o * o, axis=-2, keepdims=True)
-            scaled = o / (jnp.sqrt(nu) + eps)
+
+        def fn(o, nu):
+            v = beta2 * nu[:, :1, :] + (1 - beta2) * jnp.mean(o * o, axis=-2, keepdims=True)
+            scaled = o / (jnp.sqrt(v) + eps)
             f_new = _fro(scaled)
             scaled = scaled * (_fro(o) / jnp.where(f_new > 0, f_new, 1.0))
-            new_u.append(inv(scaled).astype(x.dtype))
-            new_nu.append(inv(jnp.broadcast_to(nu, o.shape)))
-        return jax.tree.unflatten(treedef, new_u), NeuronMomentState(
-            jax.tree.unflatten(treedef, new_nu)
-        )
+            return scaled, jnp.broadcast_to(v, o.shape)
+
+        updates, nu = _per_matrix(updates, state.nu, weight_dimension_numbers, fn)
+        return updates, NeuronMomentState(nu)
 
     return placed(optax.GradientTransformationExtraArgs(init_fn, update_fn))
 
@@ -165,27 +160,15 @@ def scale_by_element_second_moment(
     def update_fn(updates, state, params=None):
         del params
         count = optax.safe_increment(state.count)
-        views = _views(updates, weight_dimension_numbers)
-        leaves, treedef = jax.tree.flatten(updates)
-        nus = jax.tree.leaves(state.nu)
-        new_u, new_nu = [], []
-        for x, view, nu in zip(leaves, views, nus, strict=True):
-            if view is None:
-                new_u.append(x)
-                new_nu.append(nu)
-                continue
-            o, inv, spec, path = view
-            o = o.astype(jnp.float32)
-            nu_v = beta2 * matrix_view(nu, spec, path)[0] + (1 - beta2) * o * o
-            nu_hat = nu_v / (1 - beta2 ** count.astype(jnp.float32))
-            scaled = o / (jnp.sqrt(nu_hat) + eps)
+
+        def fn(o, nu):
+            v = beta2 * nu + (1 - beta2) * o * o
+            scaled = o / (jnp.sqrt(v / (1 - beta2 ** count.astype(jnp.float32))) + eps)
             f = _fro(scaled)
             m, n = o.shape[-2:]
-            scaled = scaled * (rms * (m * n) ** 0.5 / jnp.where(f > 0, f, 1.0))
-            new_u.append(inv(scaled).astype(x.dtype))
-            new_nu.append(inv(nu_v))
-        return jax.tree.unflatten(treedef, new_u), ElementMomentState(
-            count, jax.tree.unflatten(treedef, new_nu)
-        )
+            return scaled * (rms * (m * n) ** 0.5 / jnp.where(f > 0, f, 1.0)), v
+
+        updates, nu = _per_matrix(updates, state.nu, weight_dimension_numbers, fn)
+        return updates, ElementMomentState(count, nu)
 
     return placed(optax.GradientTransformationExtraArgs(init_fn, update_fn))
