@@ -153,12 +153,15 @@ def project_params(params, manifold_spec, *, weight_dimension_numbers=None):
       >>> float(jnp.linalg.norm(p["w"])), p["b"].tolist()
       (1.0, [1.0, 1.0])
     """
-    return like_params(
-        lambda p: _project_params(p, manifold_spec, weight_dimension_numbers), params
-    )
+    # One compiled program, not op-by-op dispatch: on arrays that span several processes
+    # every process must run the same collectives in the same order.
+    # (The checks read concrete values first: a reduction whose result every process holds.)
+    _project_params(params, manifold_spec, weight_dimension_numbers, check_only=True)
+    f = jax.jit(lambda p: _project_params(p, manifold_spec, weight_dimension_numbers))
+    return like_params(f, params)
 
 
-def _project_params(params, manifold_spec, weight_dimension_numbers):
+def _project_params(params, manifold_spec, weight_dimension_numbers, check_only=False):
     dims = view_specs(weight_dimension_numbers, params)
     manifolds = resolve_manifolds(manifold_spec, params, dims)
     flat, treedef = jax.tree_util.tree_flatten_with_path(params)
@@ -169,6 +172,8 @@ def _project_params(params, manifold_spec, weight_dimension_numbers):
             out.append(x)
             continue
         W, unview = leaf_view(working(x), None if dims is None else dims[i])
-        m.check_point(W, path_to_str(paths[i]))
+        if check_only:
+            m.check_point(W, path_to_str(paths[i]))
+            continue
         out.append(unview(m.project(W)).astype(jnp.result_type(x)))
-    return jax.tree.unflatten(treedef, out)
+    return None if check_only else jax.tree.unflatten(treedef, out)
