@@ -56,9 +56,15 @@ def _child(args):
         tree,
         is_leaf=lambda x: isinstance(x, tuple),
     )
-    grads = [jax.tree.map(lambda x, t=t: jnp.asarray(
-        np.random.default_rng(10 + t).standard_normal(x.shape), jnp.float32), base)
-        for t in range(3)]
+    grads = [
+        jax.tree.map(
+            lambda x, t=t: jnp.asarray(
+                np.random.default_rng(10 + t).standard_normal(x.shape), jnp.float32
+            ),
+            base,
+        )
+        for t in range(3)
+    ]
     manifolds = {
         "sphere": mo.Sphere(),
         "spectral_sphere": mo.SpectralSphere(),
@@ -87,7 +93,7 @@ def _child(args):
                 state = jax.jit(tx.init)(p)
 
                 def step(p, s, g):
-                    u, s = tx.update(g, s, p)
+                    u, s = tx.update(g, s, p)  # noqa: B023 (compiled at once)
                     return optax.apply_updates(p, u), s
 
                 gs = [jax.device_put(g, p_sh) for g in grads]
@@ -105,18 +111,23 @@ def _child(args):
                     times.append(time.perf_counter() - t0)
             final = jax.tree.map(np.asarray, p)
             q = statistics.quantiles(times, n=4) if len(times) > 1 else [times[0]] * 3
-            rows.append({
-                "optimizer": name,
-                "strategy": strategy,
-                "devices": n,
-                "gflop_per_device": cost.get("flops", 0.0) / 1e9,
-                "collective_bytes": coll["total"],
-                "collective_ratio": coll["total"] / matrix_bytes,
-                "step_ms": {"median": 1e3 * q[1], "q1": 1e3 * q[0], "q3": 1e3 * q[2]},
-                "final": {k: v.tolist() for k, v in _digest(final).items()},
-            })
-            print(f"{n} {name:16s} {strategy:6s} {rows[-1]['gflop_per_device']:.3f} GFLOP "
-                  f"coll {rows[-1]['collective_ratio']:.2f}× {1e3 * q[1]:.1f} ms", flush=True)
+            rows.append(
+                {
+                    "optimizer": name,
+                    "strategy": strategy,
+                    "devices": n,
+                    "gflop_per_device": cost.get("flops", 0.0) / 1e9,
+                    "collective_bytes": coll["total"],
+                    "collective_ratio": coll["total"] / matrix_bytes,
+                    "step_ms": {"median": 1e3 * q[1], "q1": 1e3 * q[0], "q3": 1e3 * q[2]},
+                    "final": {k: v.tolist() for k, v in _digest(final).items()},
+                }
+            )
+            print(
+                f"{n} {name:16s} {strategy:6s} {rows[-1]['gflop_per_device']:.3f} GFLOP "
+                f"coll {rows[-1]['collective_ratio']:.2f}× {1e3 * q[1]:.1f} ms",
+                flush=True,
+            )
     json.dump(rows, sys.stdout if args.out is None else open(args.out, "w"))
 
 
@@ -153,9 +164,23 @@ def main():
         ).strip()
         env["JAX_PLATFORMS"] = "cpu"
         with tempfile.NamedTemporaryFile(suffix=".json") as f:
-            cmd = [sys.executable, __file__, "--child", "--out", f.name, "--width",
-                   str(args.width), "--layers", str(args.layers), "--reps", str(args.reps),
-                   "--optimizers", *args.optimizers, "--strategies", *args.strategies]
+            cmd = [
+                sys.executable,
+                __file__,
+                "--child",
+                "--out",
+                f.name,
+                "--width",
+                str(args.width),
+                "--layers",
+                str(args.layers),
+                "--reps",
+                str(args.reps),
+                "--optimizers",
+                *args.optimizers,
+                "--strategies",
+                *args.strategies,
+            ]
             subprocess.run(cmd, env=env, check=True)
             rows += json.load(open(f.name))
     one = {(r["optimizer"], r["strategy"]): r for r in rows if r["devices"] == 1}
@@ -167,18 +192,24 @@ def main():
                 a, b = _arr(v), _arr(ref["final"][k])
                 diffs.append(float(abs(a - b).max() / max(abs(b).max(), 1e-30)))
             r["max_rel_diff_vs_1"] = max(diffs)
-            r["flop_ratio_vs_ideal"] = r["gflop_per_device"] / (ref["gflop_per_device"] / r["devices"])
+            r["flop_ratio_vs_ideal"] = r["gflop_per_device"] / (
+                ref["gflop_per_device"] / r["devices"]
+            )
     for r in rows:
         del r["final"]
-    print("| optimizer | strategy | N | GFLOP/device | ÷ ideal | collective / matrix bytes | "
-          "step ms (median [q1, q3]) | rel. diff vs 1 |")
+    print(
+        "| optimizer | strategy | N | GFLOP/device | ÷ ideal | collective / matrix bytes | "
+        "step ms (median [q1, q3]) | rel. diff vs 1 |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         t = r["step_ms"]
-        print(f"| {r['optimizer']} | {r['strategy']} | {r['devices']} | "
-              f"{r['gflop_per_device']:.3f} | {r.get('flop_ratio_vs_ideal', float('nan')):.2f} | "
-              f"{r['collective_ratio']:.2f} | {t['median']:.1f} [{t['q1']:.1f}, {t['q3']:.1f}] | "
-              f"{r.get('max_rel_diff_vs_1', float('nan')):.1e} |")
+        print(
+            f"| {r['optimizer']} | {r['strategy']} | {r['devices']} | "
+            f"{r['gflop_per_device']:.3f} | {r.get('flop_ratio_vs_ideal', float('nan')):.2f} | "
+            f"{r['collective_ratio']:.2f} | {t['median']:.1f} [{t['q1']:.1f}, {t['q3']:.1f}] | "
+            f"{r.get('max_rel_diff_vs_1', float('nan')):.1e} |"
+        )
     if args.json:
         from _machine import machine
 

@@ -148,8 +148,7 @@ def _run(name, mesh, mesh_kind, strategy, axis_types, placement, params, ref_p, 
     tx, _ = optimizer(name, strat)
     specs = param_specs(mesh_kind)
     p_sh = {k: NamedSharding(mesh, specs[k]) for k in SHAPES}
-    state_shape = jax.eval_shape(tx.init, params)
-    s_sh = S.state_shardings(state_shape, mesh, params, p_sh)
+    s_sh = S.state_shardings(tx, params, p_sh)
     p = jax.device_put(params, p_sh)
     if placement == "given":
         state = jax.jit(tx.init, out_shardings=s_sh)(p)

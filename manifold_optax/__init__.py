@@ -53,7 +53,7 @@ from manifold_optax.transforms.second_moments import (
 from manifold_optax.trust_region import trust_region
 from manifold_optax.variants import adamuon, normuon
 
-__version__ = "0.3.0"
+__version__ = "0.4.0"
 
 __all__ = [
     "__version__",

@@ -14,21 +14,34 @@ from manifold_optax.labels import path_to_str
 __all__ = ["checked"]
 
 
-def _check_state(name, updates, state):
-    """Every state leaf whose path ends with a gradient's path (a momentum or moment buffer,
-    kept per parameter) must have that gradient's shape."""
-    shapes = {
-        tuple(path): jnp.shape(x) for path, x in jax.tree_util.tree_flatten_with_path(updates)[0]
-    }
-    lengths = sorted({len(p) for p in shapes})
-    for path, x in jax.tree_util.tree_flatten_with_path(state)[0]:
-        for k in lengths:
-            want = shapes.get(tuple(path[-k:])) if 0 < k <= len(path) else None
-            if want is not None and jnp.shape(x) != want:
-                raise ValueError(
-                    f"{name}: the gradient of parameter {path_to_str(path[-k:])!r} has shape "
-                    f"{want}, the optimizer state's buffer for it {jnp.shape(x)}"
-                )
+def _param_path(path, param_paths):
+    """The parameter path that ends ``path`` (the longest), for messages; else ``path``."""
+    for k in range(len(path), 0, -1):
+        if tuple(path[-k:]) in param_paths:
+            return path[-k:]
+    return path
+
+
+def _check_state(name, init, updates, state):
+    """The state must have the structure and the leaf shapes that ``init`` gives parameters
+    shaped like the gradients (read by ``jax.eval_shape``: nothing runs)."""
+    like = jax.tree.map(lambda u: jax.ShapeDtypeStruct(jnp.shape(u), jnp.result_type(u)), updates)
+    want = jax.tree_util.tree_flatten_with_path(jax.eval_shape(init, like))[0]
+    got = jax.tree_util.tree_flatten_with_path(state)[0]
+    param_paths = {tuple(p) for p, _ in jax.tree_util.tree_flatten_with_path(updates)[0]}
+    if [p for p, _ in want] != [p for p, _ in got]:
+        raise ValueError(
+            f"{name}: the optimizer state does not have the structure that init gives these "
+            f"parameters ({len(got)} leaves, {len(want)} expected); was it made by this "
+            "optimizer's init for this parameter tree?"
+        )
+    for (path, x), (_, w) in zip(got, want, strict=True):
+        if jnp.shape(x) != w.shape:
+            raise ValueError(
+                f"{name}: the optimizer state's leaf {jax.tree_util.keystr(path)} for parameter "
+                f"{path_to_str(_param_path(path, param_paths))!r} has shape {jnp.shape(x)}, "
+                f"expected {w.shape} for the gradients' shapes"
+            )
 
 
 def _compare(name, what, tree, ref_what, ref):
@@ -55,8 +68,8 @@ def _compare(name, what, tree, ref_what, ref):
 
 def checked(tx, name: str, sharding=None) -> optax.GradientTransformationExtraArgs:
     """``tx`` whose ``update`` first checks that the gradients match the parameters (when
-    given), leaf by leaf, in shape and floating dtype, and the optimizer state's buffers
-    kept per parameter (momentum, moments) in shape: a ValueError naming the path instead of an error deep inside
+    given), leaf by leaf, in shape and floating dtype, and the optimizer state in
+    structure and shapes (those ``init`` gives such parameters): a ValueError naming the path instead of an error deep inside
     the step. Its updates and state are placed like the parameters
     (:func:`~manifold_optax._placement.placed`, with the ``sharding`` strategy)."""
     tx = optax.with_extra_args_support(tx)
@@ -64,7 +77,7 @@ def checked(tx, name: str, sharding=None) -> optax.GradientTransformationExtraAr
     def update_fn(updates, state, params=None, **extra):
         if params is not None:
             _compare(name, "gradient", updates, "parameter", params)
-        _check_state(name, updates, state)
+        _check_state(name, tx.init, updates, state)
         return tx.update(updates, state, params, **extra)
 
     return placed(optax.GradientTransformationExtraArgs(tx.init, update_fn), sharding)

@@ -136,15 +136,16 @@ def grouped_msign(
 
     ``sharding`` (a :class:`~manifold_optax.sharding.MsignSharding`) places the computation:
     ``"gather"`` replicates each input (one all-gather) and computes whole matrices everywhere;
-    ``"owner"`` splits each stacked group across devices along the stack axis, then gathers.
+    ``"owner"`` deals each stacked group's matrices to the devices
+    (:meth:`~manifold_optax.sharding.MsignSharding.run_owned`: padded to a multiple of the
+    device count, never replicated).
     """
     strategy = "none" if sharding is None else sharding.strategy
     rep = (lambda x: x) if strategy == "none" else sharding.replicated
 
     def run(stacked):
-        if strategy == "owner" and stacked.shape[0] % sharding.n_owner == 0:
-            return rep(msign(sharding.split_stack(stacked), **msign_kwargs))
-        # "owner" stacks that do not divide the devices fall back to gathering.
+        if strategy == "owner":  # whole matrices dealt to the devices (the stack padded)
+            return sharding.run_owned(lambda s: msign(s, **msign_kwargs), stacked)
         return rep(msign(rep(stacked), **msign_kwargs))
 
     def one_at_a_time(x):

@@ -14,11 +14,12 @@ The public optimizers' and building blocks' ``init`` and ``update`` run through
   ``jax.set_mesh`` made current, or concrete parameters'). With none,
   :func:`~manifold_optax.state_shardings` gives ``jit`` the state's shardings.
 
-The rule (:func:`state_specs`): a state leaf whose path ends with a parameter's path and has
-its shape (a momentum) gets that parameter's sharding, else one of a parameter's shape (first
-such parameter); any other leaf of ``min_size`` or more elements (a Stiefel multiplier, a
-spectral sphere's block) is split along its largest axis that the mesh divides; the rest is
-replicated.
+The rule (:func:`state_specs`): the state's trees with the parameters' structure (a momentum,
+the manifold multipliers) are found from the structure ``init`` gives (as
+``optax.tree_map_params`` finds them), so each of their leaves has a parameter; one of that
+parameter's shape gets its sharding; any other leaf of ``min_size`` or more elements (a
+Stiefel multiplier, a spectral sphere's block) is split along its largest axis that the mesh
+divides; the rest is replicated.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import math
 import threading
 
 import jax
+import jax.numpy as jnp
 import optax
 from jax.experimental.shard_alike import shard_alike
 from jax.sharding import Mesh, NamedSharding
@@ -87,41 +89,59 @@ def split_spec(shape, axis_sizes: dict, axes=None, min_size: int = MIN_SIZE) -> 
     return P()
 
 
-def param_of(state, params) -> list:
-    """For each leaf of ``state``, the index of the parameter leaf it follows (a leaf whose
-    path ends with the parameter's path and has its shape; else the first parameter of its
-    shape), or ``None``."""
-    flat_p = jax.tree_util.tree_flatten_with_path(params)[0]
-    by_path = {tuple(path): (i, tuple(x.shape)) for i, (path, x) in enumerate(flat_p)}
-    lengths = sorted({len(p) for p in by_path}, reverse=True)
-    by_shape = {}
-    for i, (_, x) in enumerate(flat_p):
-        by_shape.setdefault(tuple(x.shape), i)
+@jax.tree_util.register_pytree_node_class
+class _Params:
+    """A pytree with no leaves that stands for the parameters in ``init`` (as in
+    ``optax.tree_map_params``): the state ``init`` builds from it holds it exactly where it
+    keeps trees with the parameters' structure."""
+
+    def tree_flatten(self):
+        return (), None
+
+    @classmethod
+    def tree_unflatten(cls, aux, children):
+        return cls()
+
+
+def _is_params(x) -> bool:
+    return isinstance(x, _Params)
+
+
+def param_of(init, state, params) -> list:
+    """For each leaf of ``state`` (made by ``init``), the index of the parameter leaf whose
+    position it holds in one of the state's trees with the parameters' structure (a
+    momentum, a multiplier tree), or ``None`` (a step count): read from the structure that
+    ``init`` gives (as ``optax.tree_map_params`` reads it), never from shapes."""
+    if init is None:  # ``state`` is a tree like the parameters (the updates)
+        return list(range(len(jax.tree.leaves(state))))
+    p_def = jax.tree.structure(params)
+    marks, m_def = jax.tree.flatten(init(_Params()), is_leaf=_is_params)
+    try:
+        subtrees = m_def.flatten_up_to(state)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"the optimizer state does not have the structure init gives: {e}") from e
     out = []
-    for path, x in jax.tree_util.tree_flatten_with_path(state)[0]:
-        shape = tuple(getattr(x, "shape", ()))
-        hit = None
-        for k in lengths:
-            got = by_path.get(tuple(path[-k:])) if 0 < k <= len(path) else None
-            if got is not None and got[1] == shape:
-                hit = got[0]
-                break
-        if hit is None and shape:
-            hit = by_shape.get(shape)
-        out.append(hit)
+    for mark, sub in zip(marks, subtrees, strict=True):
+        if _is_params(mark):
+            for i, leaf_sub in enumerate(p_def.flatten_up_to(sub)):
+                out += [i] * len(jax.tree.leaves(leaf_sub))
+        else:
+            out += [None] * len(jax.tree.leaves(sub))
     return out
 
 
-def state_specs(state, params, param_specs, axis_sizes, axes=None, min_size=MIN_SIZE):
+def state_specs(init, state, params, param_specs, axis_sizes, axes=None, min_size=MIN_SIZE):
     """The rule above, as a tree of ``PartitionSpec`` shaped like ``state`` (its leaves may be
-    arrays or ``jax.ShapeDtypeStruct``); ``param_specs`` lists the parameters' specs in leaf
-    order."""
+    arrays or ``jax.ShapeDtypeStruct``; ``init`` made it); ``param_specs`` lists the
+    parameters' specs in leaf order."""
     flat, treedef = jax.tree.flatten(state)
-    owners = param_of(state, params)
-    out = [
-        param_specs[i] if i is not None else split_spec(tuple(x.shape), axis_sizes, axes, min_size)
-        for x, i in zip(flat, owners, strict=True)
-    ]
+    shapes = [tuple(jnp.shape(x)) for x in jax.tree.leaves(params)]
+    out = []
+    for x, i in zip(flat, param_of(init, state, params), strict=True):
+        if i is not None and tuple(x.shape) == shapes[i]:
+            out.append(param_specs[i])
+        else:
+            out.append(split_spec(tuple(x.shape), axis_sizes, axes, min_size))
     return jax.tree.unflatten(treedef, out)
 
 
@@ -157,7 +177,7 @@ def _known_mesh(strategy, params=None):
     return None
 
 
-def _tie(tree, params, strategy, axes):
+def _tie(init, tree, params, strategy, axes):
     """Auto axes: ``tree``'s leaves tied to their parameters' shardings (``shard_alike``) and
     the others constrained by the rule when a mesh is known (so that ``update`` returns the
     state with the shardings ``init`` gave it)."""
@@ -167,7 +187,7 @@ def _tie(tree, params, strategy, axes):
     mesh = _known_mesh(strategy, params)
     flat, treedef = jax.tree.flatten(tree)
     out = []
-    for x, i in zip(flat, param_of(tree, params), strict=True):
+    for x, i in zip(flat, param_of(init, tree, params), strict=True):
         if i is not None and hasattr(x, "shape") and x.shape == p_flat[i].shape:
             p = p_flat[i]
             if not isinstance(p, jax.core.Tracer) and isinstance(p.sharding, NamedSharding):
@@ -239,12 +259,16 @@ def placed(tx, strategy=None) -> optax.GradientTransformationExtraArgs:
     axes = None if strategy is None else strategy.owner_axes
 
     def init_fn(params):
+        if strategy is not None:
+            strategy.check_params(params)
         if _nested():
             return tx.init(params)
         with _placing():
             return _init(params)
 
     def update_fn(updates, state, params=None, **extra):
+        if strategy is not None and not _nested():
+            strategy.check_params(params)
         if _nested():
             return tx.update(updates, state, params, **extra)
         with _placing():
@@ -253,11 +277,11 @@ def placed(tx, strategy=None) -> optax.GradientTransformationExtraArgs:
     def _init(params):
         mesh = explicit_mesh(params)
         if mesh is None:
-            return _tie(tx.init(params), params, strategy, axes)
+            return _tie(tx.init, tx.init(params), params, strategy, axes)
         bare = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
         shapes = jax.eval_shape(tx.init, bare)
         pspecs = [_spec(x) for x in jax.tree.leaves(params)]
-        specs = state_specs(shapes, params, pspecs, dict(mesh.shape), axes)
+        specs = state_specs(tx.init, shapes, params, pspecs, dict(mesh.shape), axes)
         with _on(mesh):
             return jax.sharding.auto_axes(tx.init, out_sharding=specs)(params)
 
@@ -265,12 +289,13 @@ def placed(tx, strategy=None) -> optax.GradientTransformationExtraArgs:
         mesh = explicit_mesh((updates, params))
         if mesh is None:
             new, state = tx.update(updates, state, params, **extra)
-            return _tie(new, params, strategy, axes), _tie(state, params, strategy, axes)
+            new = _tie(None, new, params, strategy, axes)
+            return new, _tie(tx.init, state, params, strategy, axes)
         like = params if params is not None else updates
         pspecs = [_spec(x) for x in jax.tree.leaves(like)]
         out = (
             jax.tree.unflatten(jax.tree.structure(updates), pspecs),
-            state_specs(state, like, pspecs, dict(mesh.shape), axes),
+            state_specs(tx.init, state, like, pspecs, dict(mesh.shape), axes),
         )
         step = lambda u, s, p: tx.update(u, s, p, **extra)  # noqa: E731
         with _on(mesh):

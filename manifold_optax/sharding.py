@@ -8,10 +8,11 @@ all-reduce. The strategy is chosen on purpose instead:
   every device runs the whole msign / dual step / retraction on it, and the result is sliced
   back to the parameter's sharding (slicing moves no bytes). Traffic ≈ one all-gather of the
   gradient momentum per matrix (manifold leaves also gather ``W``).
-* ``"owner"`` (modded-nanogpt / layer-sharded Megatron): same-shape matrices are stacked and
-  the stack is split across devices, so each device orthogonalizes whole matrices, then the
-  results are all-gathered. Less duplicated compute; traffic ≈ a reshard in + an all-gather
-  out. Falls back to ``"gather"`` for groups that do not divide the device count.
+* ``"owner"`` (modded-nanogpt / layer-sharded Megatron): same-shape matrices are stacked,
+  the stack padded to a multiple of the device count and split, so each device computes
+  whole matrices — muon's msign, a manifold's direction, dual step and retraction — with no
+  collective inside (:meth:`MsignSharding.run_owned`); the results come back in the
+  parameters' layout. Per-device work ``⌈B/N⌉`` matrices of a group of ``B``.
 * ``"none"``: no constraints (GSPMD decides; for comparison).
 
 Usage: ``strategy = MsignSharding(mesh)`` and pass ``sharding=strategy`` to ``muon``,
@@ -28,10 +29,12 @@ import math
 import re
 
 import jax
+import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from manifold_optax._placement import auto_mesh, state_specs
+from manifold_optax.labels import path_to_str
 
 __all__ = [
     "MsignSharding",
@@ -40,6 +43,8 @@ __all__ = [
     "collective_bytes",
     "replicate",
     "run_replicated",
+    "run_placed",
+    "owns",
 ]
 
 STRATEGIES = ("gather", "owner", "none")
@@ -56,6 +61,34 @@ class MsignSharding:
     def __post_init__(self):
         if self.strategy not in STRATEGIES:
             raise ValueError(f"unknown strategy {self.strategy!r}; accepted: {STRATEGIES}")
+        if not isinstance(self.mesh, Mesh | jax.sharding.AbstractMesh):
+            raise ValueError(
+                f"MsignSharding needs the mesh the parameters are sharded over (a "
+                f"jax.sharding.Mesh), got {self.mesh!r}"
+            )
+        for a in self.axes or ():
+            if a not in self.mesh.axis_names:
+                raise ValueError(
+                    f"owner axis {a!r} is not an axis of the mesh (axes: {self.mesh.axis_names})"
+                )
+
+    def check_params(self, params):
+        """ValueError naming the axis and the parameter's path if a parameter is sharded
+        (a concrete array's ``NamedSharding``, or its type's) over an axis this mesh does
+        not have."""
+        for path, x in jax.tree_util.tree_flatten_with_path(params)[0]:
+            sh = getattr(x, "sharding", None) if not isinstance(x, jax.core.Tracer) else None
+            spec = getattr(sh, "spec", None) if isinstance(sh, NamedSharding) else None
+            if spec is None:
+                spec = getattr(getattr(jax.typeof(x), "sharding", None), "spec", None)
+            for entry in spec or ():
+                for a in entry if isinstance(entry, tuple) else (entry,):
+                    if a is not None and a not in self.mesh.axis_names:
+                        raise ValueError(
+                            f"parameter {path_to_str(path)!r} is sharded over axis "
+                            f"{a!r}, which the strategy's mesh does not have (axes: "
+                            f"{self.mesh.axis_names})"
+                        )
 
     @property
     def owner_axes(self):
@@ -87,10 +120,37 @@ class MsignSharding:
         )
         return g(*args)
 
-    def split_stack(self, x):
-        """Constrain a ``[B, m, n]`` stack to be split over devices along B (owner compute)."""
-        spec = P(self.owner_axes if len(self.owner_axes) > 1 else self.owner_axes[0])
-        return jax.lax.with_sharding_constraint(x, NamedSharding(auto_mesh(self.mesh), spec))
+    def run_owned(self, f, *args):
+        """Run ``f`` on a stack of whole matrices split over the owner axes: every array of
+        ``args`` (arrays, ``None`` or pytrees) leads with the stack axis, of length ``B``;
+        the stack is padded to a multiple of the owner count with copies of its first
+        matrix, a ``shard_map`` gives each device its ``⌈B/n⌉`` matrices (``f`` computes
+        them with no collective), and the outputs (leading with the same axis) come back
+        split over the owners, without the padding. ``"gather"``: :meth:`run_replicated`."""
+        if self.strategy != "owner":
+            return self.run_replicated(f, *args)
+        n = self.n_owner
+        B = jax.tree.leaves(args)[0].shape[0]
+        pad = -B % n
+        if pad:
+            args = jax.tree.map(
+                lambda a: jnp.concatenate([a, jnp.repeat(a[:1], pad, axis=0)], axis=0), args
+            )
+        axes = self.owner_axes if len(self.owner_axes) > 1 else self.owner_axes[0]
+        spec = lambda tree: jax.tree.map(lambda _: P(axes), tree)  # noqa: E731
+        local = jax.tree.map(
+            lambda a: jax.ShapeDtypeStruct((a.shape[0] // n,) + a.shape[1:], a.dtype), args
+        )
+        out_shape = jax.eval_shape(f, *local)
+        g = jax.shard_map(
+            f,
+            mesh=auto_mesh(self.mesh),
+            in_specs=spec(args),
+            out_specs=spec(out_shape),
+            check_vma=False,
+        )
+        out = g(*args)
+        return jax.tree.map(lambda r: r[:B], out) if pad else out
 
 
 def replicate(x, sharding: MsignSharding | None):
@@ -102,22 +162,64 @@ def run_replicated(f, sharding: MsignSharding | None, *args):
     return f(*args) if sharding is None else sharding.run_replicated(f, *args)
 
 
-def state_shardings(tree, mesh: Mesh, params, param_shardings, *, axes=None, min_size: int = 4096):
-    """Shardings for an optimizer state (or any tree) given the parameters and their shardings.
+def run_placed(f, sharding: MsignSharding | None, *args):
+    """``f(*args)`` on stacks of whole matrices (every array leading with the stack axis):
+    as it comes without ``sharding``, on every device (``"gather"``) or split over the
+    owners (``"owner"``, :meth:`MsignSharding.run_owned`)."""
+    if sharding is None:
+        return f(*args)
+    return sharding.run_owned(f, *args)
 
-    A leaf whose path ends with a parameter's path and has its shape (a momentum) gets that
-    parameter's sharding, else one of a parameter's shape gets the first such parameter's;
-    any other leaf with ``min_size`` or more elements (a Stiefel multiplier ``m×m``, a
-    spectral-sphere block) is split along its largest axis that the mesh ``axes`` divide;
-    small leaves are replicated. It is the rule the optimizers follow themselves on meshes
-    with Explicit axes and, given a strategy or a current mesh, with Auto axes; use it for
-    ``jit``'s ``in_shardings`` / ``out_shardings``. ``tree`` may hold arrays or
-    ``jax.ShapeDtypeStruct`` (e.g. from ``jax.eval_shape``).
+
+def owns(sharding: MsignSharding | None) -> bool:
+    """Whether ``sharding`` deals whole matrices to owners (the transformations then stack
+    every same-shape group, whatever the backend)."""
+    return sharding is not None and sharding.strategy == "owner"
+
+
+def state_shardings(tx, params, param_shardings, *, axes=None, min_size: int = 4096):
+    """Shardings for the state of optimizer ``tx`` given the parameters and their shardings.
+
+    The state's trees with the parameters' structure (a momentum, the manifold multipliers
+    and auxiliary states) are found from the structure ``tx.init`` gives, as
+    ``optax.tree_map_params`` finds them; a leaf there with its parameter's shape gets that
+    parameter's sharding. Any other leaf with ``min_size`` or more elements (a Stiefel
+    multiplier ``m×m``, a spectral-sphere block) is split along its largest axis that the
+    mesh ``axes`` (all by default) divide; small leaves (a step count) are replicated. It is
+    the rule the optimizers follow themselves on meshes with Explicit axes and, given a
+    strategy or a current mesh, with Auto axes; use it for ``jit``'s ``in_shardings`` /
+    ``out_shardings``.
+
+    Args:
+      tx: the optimizer (an ``optax.GradientTransformation``).
+      params: the parameters (arrays or ``jax.ShapeDtypeStruct``; nothing is computed).
+      param_shardings: a ``NamedSharding`` per parameter leaf (a tree like ``params``).
+      axes: the mesh axes that large non-parameter-shaped leaves are split over.
+      min_size: the size from which such a leaf is split.
+
+    Returns:
+      A tree of ``NamedSharding`` shaped like ``tx.init(params)``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, manifold_optax as mo
+      >>> from jax.sharding import NamedSharding, PartitionSpec as P
+      >>> mesh = jax.make_mesh((1,), ("fsdp",))
+      >>> params = {"w": jnp.zeros((4, 4))}
+      >>> sh = mo.state_shardings(mo.muon(0.02), params, {"w": NamedSharding(mesh, P("fsdp"))})
+      >>> len(jax.tree.leaves(sh)) == len(jax.tree.leaves(mo.muon(0.02).init(params)))
+      True
     """
     sh_flat = jax.tree.leaves(param_shardings, is_leaf=lambda x: isinstance(x, NamedSharding))
     if len(sh_flat) != len(jax.tree.leaves(params)):
         raise ValueError("param_shardings must have one sharding per parameter leaf")
-    specs = state_specs(tree, params, [s.spec for s in sh_flat], dict(mesh.shape), axes, min_size)
+    if not sh_flat or not all(isinstance(s, NamedSharding) for s in sh_flat):
+        raise ValueError("param_shardings must be NamedShardings (one per parameter leaf)")
+    mesh = sh_flat[0].mesh
+    bare = jax.tree.map(lambda x: jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x)), params)
+    state = jax.eval_shape(tx.init, bare)
+    specs = state_specs(
+        tx.init, state, bare, [s.spec for s in sh_flat], dict(mesh.shape), axes, min_size
+    )
     return jax.tree.map(lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda x: isinstance(x, P))
 
 

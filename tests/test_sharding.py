@@ -7,8 +7,13 @@ import pathlib
 import subprocess
 import sys
 
+import jax
+import jax.numpy as jnp
 import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
+import manifold_optax as mo
 from manifold_optax import sharding as S
 
 ROOT = pathlib.Path(__file__).parents[1]
@@ -93,7 +98,7 @@ def test_readme_and_guide_examples_run(fast_checks):
     assert all(v == "P('fsdp',)" for k, v in nnx_example["param_specs"].items() if "kernel" in k), (
         nnx_example
     )
-    moms = {k: v for k, v in nnx_example["state_specs"].items() if "kernel" in k}
+    moms = {k: v for k, v in nnx_example["state_specs"].items() if "kernel" in k and "['mu']" in k}
     assert moms and all(v == "P('fsdp',)" for v in moms.values()), moms
     assert any(v == "P(('data', 'fsdp'),)" for v in nnx_example["state_specs"].values())
 
@@ -158,3 +163,56 @@ def test_collective_bytes_parser():
     assert b["reduce-scatter"] == 2 * 16 * 4 * 3
     assert b["total"] == b["all-gather"] + b["all-reduce"] + b["reduce-scatter"]
     assert b["result_bytes"] == 64 * 128 * 4 + 4 + 32 + 64 * 16 * 4 + 2 * 16 * 4 + 32 * 128 * 4
+
+
+def _owner_rows(tmp_path_factory, names):
+    out = tmp_path_factory.mktemp("owner") / "rows.json"
+    env = dict(os.environ)
+    env.pop("JAX_DISABLE_MOST_OPTIMIZATIONS", None)  # the partitioned program's own FLOPs
+    subprocess.run(
+        [sys.executable, str(ROOT / "tests" / "owner_checks.py"), str(out), *names],
+        check=True,
+        env=env,
+        cwd=ROOT,
+        timeout=1800,
+    )
+    return json.loads(out.read_text())
+
+
+OWNER_FAST = ("muon", "stiefel")
+OWNER_ALL = ("muon", "normuon", "sphere", "spectral_sphere", "stiefel", "oblique")
+
+
+def _assert_owned(rows, names):
+    assert [r["optimizer"] for r in rows] == list(names)
+    for r in rows:
+        assert r["flops_per_device"] <= 1.25 * r["flops_one_device"] / 8, r
+        assert r["collective_ratio"] <= 2.5, r
+        # float32: the partitioned program reorders a few reductions (sums of 32–128 terms).
+        assert r["max_rel_diff"] <= 1e-5, r
+
+
+def test_owner_divides_the_work_over_the_devices(tmp_path_factory):
+    """8 devices, "owner": each device computes its own matrices — per-device FLOPs within
+    1.25× of one device's ÷ 8 (the padded group of 3 matrices costs one matrix per device),
+    each device receives at most 2.5× the matrices' bytes, and two steps equal one device's
+    (muon and Stiefel here; every optimizer under -m slow)."""
+    _assert_owned(_owner_rows(tmp_path_factory, OWNER_FAST), OWNER_FAST)
+
+
+@pytest.mark.slow
+def test_owner_divides_every_optimizers_work(tmp_path_factory):
+    _assert_owned(_owner_rows(tmp_path_factory, OWNER_ALL), OWNER_ALL)
+
+
+def test_strategy_input_is_checked():
+    mesh = jax.make_mesh((1,), ("fsdp",), devices=jax.devices()[:1])
+    with pytest.raises(ValueError, match="needs the mesh"):
+        S.MsignSharding(None)
+    with pytest.raises(ValueError, match="owner axis 'model'"):
+        S.MsignSharding(mesh, "owner", axes=("model",))
+    other = jax.make_mesh((1,), ("data",), devices=jax.devices()[:1])
+    params = {"w": jax.device_put(jnp.ones((4, 4)), NamedSharding(other, P("data", None)))}
+    tx = mo.manifold_muon(0.02, mo.Sphere(2.0), sharding=S.MsignSharding(mesh, "owner"))
+    with pytest.raises(ValueError, match=r"parameter 'w' is sharded over axis 'data'"):
+        tx.init(mo.project_params(params, mo.Sphere(2.0)))

@@ -51,7 +51,7 @@ def test_online_stiefel_multiplier_stays_exactly_symmetric(transform, shape, rng
         updates, state = step(G, state, W)
         if transform == "manifold_step":
             W = optax.apply_updates(W, updates)
-        Y = np.asarray(state.leaves[0].y)
+        Y = np.asarray(state.y)
         assert np.array_equal(Y, Y.T), (k, np.abs(Y - Y.T).max())
     assert np.abs(Y).max() > 1e-3  # the multiplier moved
 

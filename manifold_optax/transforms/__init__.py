@@ -6,9 +6,9 @@ manifold transformations (``dual_ascent``, ``retract``, ``manifold_step``) need 
 ``update``.
 """
 
+from manifold_optax.transforms._leaf_state import LeafState
 from manifold_optax.transforms._leaves import (
     DEFAULT_INIT_TOLERANCE,
-    LeafState,
     by_shape,
     leaf_specs,
     resolve_manifolds,

@@ -14,10 +14,10 @@ import jax.numpy as jnp
 
 from manifold_optax.linalg.warm_block import refine_warm_block
 from manifold_optax.manifolds import BlockPlan, Manifold, PolishPlan
-from manifold_optax.sharding import run_replicated
+from manifold_optax.sharding import owns, run_placed
 from manifold_optax.transforms._leaves import run_grouped, update_to
 
-__all__ = ["Deferred", "finish_deferred"]
+__all__ = ["Deferred", "finish_deferred", "finish_now"]
 
 
 class Deferred(NamedTuple):
@@ -64,17 +64,13 @@ def _finish_polish(pending: list[Deferred], out: list, sharding, group: bool):
         [p.plan for p in pending],
     )
     items = [((p.manifold, p.V.shape[1:]), (p.V, P)) for p, P in zip(pending, factors, strict=True)]
-    xs = [
-        X
-        for (X,) in run_grouped(
-            lambda key, V, P: (run_replicated(key[0].apply_polish, sharding, V, P),), items, group
-        )
-    ]
+    polish = lambda key, V, P: (run_placed(key[0].apply_polish, sharding, V, P),)  # noqa: E731
+    xs = [X for (X,) in run_grouped(polish, items, group, owns(sharding))]
 
     def fallback(arrays):
         news = []
         for p, (X, V) in zip(pending, arrays, strict=True):
-            R = run_replicated(p.manifold.fallback_retraction, sharding, V)
+            R = run_placed(p.manifold.fallback_retraction, sharding, V)
             news.append(jnp.where(p.plan.ok.reshape(p.plan.ok.shape + (1, 1)), X, R))
         return news
 
@@ -96,22 +92,55 @@ def _finish_blocks(pending: list[Deferred], out: list, sharding, group: bool, de
     if not pending:
         return {}
     key = lambda p: (p.plan.S.shape[1:], p.plan.block.shape[1:], p.plan.S.dtype)
+    refine = lambda S, block: refine_warm_block(S, block, degree)  # noqa: E731
     refined = run_grouped(
-        lambda _, S, block: refine_warm_block(S, block, degree),
+        lambda _, S, block: run_placed(refine, sharding if owns(sharding) else None, S, block),
         [(key(p), (p.plan.S, p.plan.block)) for p in pending],
         group,
+        owns(sharding),
     )
     items = [
         ((p.manifold, p.V.shape[1:]), (p.V, *r)) for p, r in zip(pending, refined, strict=True)
     ]
     finished = run_grouped(
-        lambda key, *a: run_replicated(key[0].finish_block_retraction, sharding, *a), items, group
+        lambda key, *a: run_placed(key[0].finish_block_retraction, sharding, *a),
+        items,
+        group,
+        owns(sharding),
     )
     auxes = {}
     for p, (X, aux) in zip(pending, finished, strict=True):
         out[p.index] = update_to(X, p.param, p.dtype, p.unview)
         auxes[p.index] = aux
     return auxes
+
+
+def finish_now(m: Manifold, V, aux, plan, degree: int):
+    """``(X, aux)``: the retraction that :meth:`~manifold_optax.Manifold.begin_retraction`
+    began, finished on this stack alone (where the stack is all a device holds: under the
+    owner strategy, inside each device's share). A :class:`PolishPlan` takes the cheap
+    factor if every matrix of the stack certifies it, else the standard one, and the
+    fallback retraction only if some matrix certifies neither; a :class:`BlockPlan` refines
+    its block with a filter of ``degree``."""
+    if plan is None:
+        return V, aux
+    if isinstance(plan, BlockPlan):
+        refined = refine_warm_block(plan.S, plan.block, degree)
+        return m.finish_block_retraction(V, *refined)
+    cheap_all = jnp.all(plan.cheap_ok)
+    factor = jax.lax.cond(
+        cheap_all, lambda q: m.polish_factor(q, True), lambda q: m.polish_factor(q, False), plan
+    )
+    X = m.apply_polish(V, factor)
+    ok = plan.ok.reshape(plan.ok.shape + (1, 1))
+    X = jax.lax.cond(
+        cheap_all | jnp.all(plan.ok),
+        lambda X, V: X,
+        lambda X, V: jnp.where(ok, X, m.fallback_retraction(V)),
+        X,
+        V,
+    )
+    return X, aux
 
 
 def finish_deferred(

@@ -1,5 +1,5 @@
-"""What the transformations share: which leaf gets which spec, leaves viewed as batches of
-matrices and grouped by shape, and the per-leaf manifold state.
+"""What the transformations share: which leaf gets which spec, and leaves viewed as batches of
+matrices and grouped by shape (the per-leaf manifold state is in ``_leaf_state``).
 
 A *spec* is given per leaf as a single value (applied to every leaf), a tree prefix of the
 parameters, or a callable ``params → such a tree``; :func:`leaf_specs` broadcasts it.
@@ -8,7 +8,6 @@ parameters, or a callable ``params → such a tree``; :func:`leaf_specs` broadca
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -19,11 +18,10 @@ from manifold_optax.labels import ambiguous_leaf_error, is_dim_nums, leaf_specs,
 from manifold_optax.linalg import msign
 from manifold_optax.manifolds import SOLVERS, SolverConfig, is_manifold
 from manifold_optax.manifolds._ops import working
-from manifold_optax.sharding import replicate
+from manifold_optax.sharding import owns, replicate
 
 __all__ = [
     "DEFAULT_INIT_TOLERANCE",
-    "LeafState",
     "leaf_specs",
     "paths",
     "resolve_manifolds",
@@ -32,7 +30,6 @@ __all__ = [
     "group_default",
     "run_grouped",
     "matrix_items",
-    "initial_leaves",
     "solver_config",
     "msign_fn",
     "msign_kwargs",
@@ -182,10 +179,13 @@ def by_shape(factory, *, min_ndim: int = 2) -> ByShape:
     return ByShape(factory, min_ndim)
 
 
-def group_default(group: bool | None) -> bool:
+def group_default(group: bool | None, sharding=None) -> bool:
     """``None``: stack same-shape leaves on GPU/TPU (fewer, larger kernels), not on CPU, where
-    the copies into and out of the stacks cost more than they save."""
-    return not on_cpu() if group is None else bool(group)
+    the copies into and out of the stacks cost more than they save; always under the owner
+    strategy, which deals each stack's matrices to the devices."""
+    if group is None:
+        return owns(sharding) or not on_cpu()
+    return bool(group)
 
 
 def _flat_batch(x, nb: int):
@@ -197,13 +197,15 @@ def _batch_size(args) -> int:
     return args[0].shape[0]
 
 
-def run_grouped(fn, items: list, group: bool = True) -> list:
+def run_grouped(fn, items: list, group: bool = True, batched: bool = False) -> list:
     """Run ``fn(key, *args)`` once per group of items with equal ``key``.
 
     ``items`` holds ``(key, args)`` with every array of ``args`` (arrays, None or pytrees)
     leading with the item's batch axis, the first an array; a group's arrays are concatenated
     along it, ``fn`` runs on the stack (one batched msign / block iteration / polish for
-    same-shape layers), and its outputs (a tuple of such pytrees) are split back.
+    same-shape layers), and its outputs (a tuple of such pytrees) are split back. A lone
+    matrix runs unbatched unless ``batched`` (``fn`` then always gets a stack: the owner
+    strategy splits it).
     """
     groups: dict = {}
     for i, (key, _) in enumerate(items):
@@ -213,7 +215,7 @@ def run_grouped(fn, items: list, group: bool = True) -> list:
         key = items[idx[0]][0]
         if len(idx) == 1:
             args = items[idx[0]][1]
-            if _batch_size(args) != 1:
+            if _batch_size(args) != 1 or batched:
                 out[idx[0]] = fn(key, *args)
                 continue
             # A lone matrix runs unbatched (XLA:CPU runs batch-1 dots slower than plain ones).
@@ -229,15 +231,6 @@ def run_grouped(fn, items: list, group: bool = True) -> list:
             out[i] = jax.tree.map(lambda r, s=start, b=b: r[s : s + b], res)
             start += b
     return out
-
-
-class LeafState(NamedTuple):
-    """Per parameter leaf: the multiplier ``y`` (normalized-gradient units; the manifold's
-    :meth:`~manifold_optax.Manifold.multiplier_shape`) and the manifold's auxiliary state
-    ``aux`` (e.g. the spectral sphere's warm block); both ``None`` off the manifolds."""
-
-    y: Any
-    aux: Any
 
 
 def _shape_key(tree):
@@ -271,42 +264,6 @@ def matrix_items(g_leaves, w_leaves, manifolds, states, reads_multiplier: bool =
 def reshaped(new, like):
     """``new`` (an array, None or a pytree) reshaped leaf by leaf to ``like``'s shapes."""
     return jax.tree.map(lambda a, b: a.reshape(b.shape), new, like)
-
-
-def _check_on_manifold(params, manifolds, tol, dims):
-    if tol is None:
-        return
-    flat = jax.tree_util.tree_flatten_with_path(params)[0]
-    for i, ((path, x), m) in enumerate(zip(flat, manifolds, strict=True)):
-        if m is None or isinstance(x, jax.core.Tracer):
-            continue
-        d = float(m.distance(leaf_view(jnp.asarray(x), None if dims is None else dims[i])[0]))
-        # Low-precision parameters cannot sit closer than their rounding (bf16: ~4e-3).
-        tol_eff = max(tol, 4 * float(jnp.finfo(jnp.result_type(x)).eps))
-        if not d <= tol_eff:
-            raise ValueError(
-                f"parameter {path_to_str(path)!r} is off its manifold {m} (relative distance "
-                f"{d:.3g} > {tol_eff:g}); put it on the manifold first with "
-                "manifold_optax.project_params(params, manifold_spec)"
-            )
-
-
-def initial_leaves(manifold, params, init_tolerance, power_iters, dims=None) -> list:
-    """One :class:`LeafState` per leaf: ``(None, None)`` off the manifolds, else a zero
-    multiplier and the auxiliary state refreshed at the parameter (its :func:`leaf_view`).
-    Checks that concrete parameters lie on their manifolds (``init_tolerance``; ``None``
-    skips the check)."""
-    manifolds = resolve_manifolds(manifold, params, dims)
-    _check_on_manifold(params, manifolds, init_tolerance, dims)
-    out = []
-    for i, (x, m) in enumerate(zip(jax.tree.leaves(params), manifolds, strict=True)):
-        if m is None:
-            out.append(LeafState(None, None))  # empty subtrees: nothing to checkpoint
-            continue
-        W = leaf_view(working(x), None if dims is None else dims[i])[0]
-        y = jnp.zeros(m.multiplier_shape(W.shape), W.dtype)
-        out.append(LeafState(y, m.update_aux(W, m.init_aux(W), power_iters)))
-    return out
 
 
 #: Defaults of the structural integer arguments (loop lengths, filter degrees).

@@ -7,34 +7,33 @@ import math
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
+from manifold_optax._placement import _on, explicit_mesh
 from manifold_optax.labels import path_to_str
 from manifold_optax.manifolds import SolverConfig, certified
 from manifold_optax.manifolds._ops import fro, working
+from manifold_optax.transforms._leaf_state import leaf_states
 from manifold_optax.transforms._leaves import (
-    LeafState,
     leaf_view,
     paths,
     resolve_manifolds,
     view_specs,
 )
+from manifold_optax.transforms.dual_ascent import DualAscentState
+from manifold_optax.transforms.manifold_step import ManifoldStepState
 
 __all__ = ["diagnostics"]
 
 
-def _leaf_states(opt_state, n: int):
-    """The first tuple of ``n`` :class:`LeafState` inside ``opt_state`` (a ``dual_ascent`` or
-    ``manifold_step`` state), else ``None``."""
-    found = []
-
-    def visit(x):
-        if isinstance(x, tuple) and len(x) == n and all(isinstance(s, LeafState) for s in x):
-            found.append(x)
-            return True
-        return isinstance(x, LeafState)
-
-    jax.tree.leaves(opt_state, is_leaf=visit)
-    return found[0] if found else None
+def _leaf_states(opt_state, treedef):
+    """One :class:`LeafState` per parameter leaf from the first ``dual_ascent`` or
+    ``manifold_step`` state inside ``opt_state``, else ``None``."""
+    kinds = (DualAscentState, ManifoldStepState)
+    for x in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, kinds)):
+        if isinstance(x, kinds):
+            return leaf_states(x.y, x.aux, treedef)
+    return None
 
 
 def _certificate(m, G, W, phi):
@@ -86,10 +85,26 @@ def diagnostics(
       >>> float(d["w"]["distance"]) < 1e-5
       True
     """
+    # One compiled program on Auto axes (as project_params): eager SVDs and Gram products
+    # reject operands sharded on Explicit axes, and on arrays that span several processes
+    # every process must run the same collectives in the same order.
+    f = jax.jit(
+        lambda p, s, d, g: _diagnostics(p, manifold_spec, s, d, g, weight_dimension_numbers)
+    )
+    args = (params, opt_state, directions, grads)
+    mesh = explicit_mesh(params)
+    if mesh is None:
+        return f(*args)
+    with _on(mesh):
+        return jax.sharding.auto_axes(f, out_sharding=P())(*args)
+
+
+def _diagnostics(params, manifold_spec, opt_state, directions, grads, weight_dimension_numbers):
     dims = view_specs(weight_dimension_numbers, params)
     manifolds = resolve_manifolds(manifold_spec, params, dims)
     leaves = jax.tree.leaves(params)
-    states = None if opt_state is None else _leaf_states(opt_state, len(leaves))
+    treedef = jax.tree.structure(params)
+    states = None if opt_state is None else _leaf_states(opt_state, treedef)
     d_leaves = jax.tree.leaves(directions) if directions is not None else None
     g_leaves = jax.tree.leaves(grads) if grads is not None else None
     out = {}

@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import optax
 
 from manifold_optax._placement import placed
 from manifold_optax.manifolds import SolverConfig
-from manifold_optax.sharding import run_replicated
+from manifold_optax.sharding import owns, run_placed
+from manifold_optax.transforms._leaf_state import (
+    LeafState,
+    initial_leaves,
+    leaf_states,
+    state_trees,
+)
 from manifold_optax.transforms._leaves import (
     DEFAULT_INIT_TOLERANCE,
-    LeafState,
     group_default,
-    initial_leaves,
     matrix_items,
     msign_fn,
     reshaped,
@@ -28,9 +32,12 @@ __all__ = ["DualAscentState", "dual_ascent"]
 
 
 class DualAscentState(NamedTuple):
-    """One :class:`~manifold_optax.transforms._leaves.LeafState` per parameter leaf."""
+    """Per manifold leaf, its multiplier ``y`` and the manifold's auxiliary state ``aux``:
+    two trees with the parameters' structure (``optax.MaskedNode()`` at the other
+    leaves)."""
 
-    leaves: tuple
+    y: Any
+    aux: Any
 
 
 def dual_ascent(
@@ -80,9 +87,12 @@ def dual_ascent(
       init_tolerance: ``init`` raises, naming the leaf, if a concrete parameter is farther
         than this (relative; at least 4× its dtype's epsilon) from its manifold; traced
         parameters are not checked; ``None`` disables the check.
-      sharding: a :class:`~manifold_optax.MsignSharding` for sharded parameters.
+      sharding: a :class:`~manifold_optax.MsignSharding` for sharded parameters:
+        ``"gather"`` computes whole matrices on every device, ``"owner"`` deals them to the
+        devices (each computes ``⌈B/N⌉`` of a same-shape group of ``B``, every solver).
       group: run same-shape leaves with the same manifold as one batch; ``None`` does so
-        except on CPU. Results agree with one leaf at a time to float32 round-off.
+        except on CPU (and always under ``"owner"``). Results agree with one leaf at a time
+        to float32 round-off.
       weight_dimension_numbers: the matrix each leaf is (a ``MuonDimensionNumbers`` or
         :class:`~manifold_optax.MatrixSpec`, a spec tree such as
         :func:`~manifold_optax.flax_dimension_numbers`'s, or a callable); the manifold
@@ -114,20 +124,20 @@ def dual_ascent(
 
     def init_fn(params):
         dims = view_specs(weight_dimension_numbers, params)
-        return DualAscentState(
-            tuple(initial_leaves(manifold, params, init_tolerance, cfg.power_iters, dims))
-        )
+        leaves = initial_leaves(manifold, params, init_tolerance, cfg.power_iters, dims)
+        return DualAscentState(*state_trees(leaves, jax.tree.structure(params)))
 
     def update_fn(updates, state, params=None):
         dims, manifolds, g_leaves, treedef, w_leaves = update_leaves(
             "dual_ascent", manifold, weight_dimension_numbers, updates, params
         )
-        items, where, unviews = matrix_items(g_leaves, w_leaves, manifolds, state.leaves, dims=dims)
+        states = leaf_states(state.y, state.aux, treedef)
+        items, where, unviews = matrix_items(g_leaves, w_leaves, manifolds, states, dims=dims)
 
         def group_step(key, G, W, y, aux):
             m = key[0]
             eta, iters = m.dual_step_size(cfg), cfg.power_iters
-            if solver == "online" and m.runs_sharded:
+            if solver == "online" and m.runs_sharded and not owns(sharding):
                 # Elementwise apart from the msign, whose input alone is gathered.
                 fn = msign_fn(ms_kwargs, sharding)
                 return m.online_direction(G, W, y, aux, eta, fn, iters)
@@ -137,17 +147,20 @@ def dual_ascent(
                     return m.online_direction(G, W, y, aux, eta, msign_fn(ms_kwargs), iters)
                 return m.solve(G, W, solver, Y=y, aux=aux, config=cfg, certify=False)[:3]
 
-            # Otherwise gather W and G once and compute whole matrices on every device: split
-            # matrices would turn the block and polar iterations into many small collectives.
-            return run_replicated(leaf_step, sharding, G, W, y, aux)
+            # Otherwise whole matrices, gathered once on every device or dealt to their owners:
+            # split matrices would turn the block and polar iterations into many small
+            # collectives.
+            return run_placed(leaf_step, sharding, G, W, y, aux)
 
-        new_u, new_s = list(g_leaves), list(state.leaves)
+        new_u, new_s = list(g_leaves), list(states)
         for i, (phi, y, aux) in zip(
-            where, run_grouped(group_step, items, group_default(group)), strict=True
+            where,
+            run_grouped(group_step, items, group_default(group, sharding), owns(sharding)),
+            strict=True,
         ):
-            w, ls = w_leaves[i], state.leaves[i]
+            w, ls = w_leaves[i], states[i]
             new_u[i] = unviews[i](phi).astype(w.dtype)
             new_s[i] = LeafState(reshaped(y, ls.y), reshaped(aux, ls.aux))
-        return jax.tree.unflatten(treedef, new_u), DualAscentState(tuple(new_s))
+        return jax.tree.unflatten(treedef, new_u), DualAscentState(*state_trees(new_s, treedef))
 
     return placed(optax.GradientTransformationExtraArgs(init_fn, update_fn), sharding)

@@ -3,7 +3,7 @@ transformation."""
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -11,13 +11,17 @@ import optax
 
 from manifold_optax._placement import placed
 from manifold_optax.manifolds import SolverConfig
-from manifold_optax.sharding import run_replicated
-from manifold_optax.transforms._deferred import Deferred, finish_deferred
+from manifold_optax.sharding import owns, run_placed
+from manifold_optax.transforms._deferred import Deferred, finish_deferred, finish_now
+from manifold_optax.transforms._leaf_state import (
+    LeafState,
+    initial_leaves,
+    leaf_states,
+    state_trees,
+)
 from manifold_optax.transforms._leaves import (
     DEFAULT_INIT_TOLERANCE,
-    LeafState,
     group_default,
-    initial_leaves,
     matrix_items,
     msign_fn,
     reshaped,
@@ -32,11 +36,13 @@ __all__ = ["manifold_step", "ManifoldStepState"]
 
 
 class ManifoldStepState(NamedTuple):
-    """The step count (the learning-rate schedule's argument) and one
-    :class:`~manifold_optax.transforms._leaves.LeafState` per parameter leaf."""
+    """The step count (the learning-rate schedule's argument), and per manifold leaf its
+    multiplier ``y`` and the manifold's auxiliary state ``aux``: two trees with the
+    parameters' structure (``optax.MaskedNode()`` at the other leaves)."""
 
     count: jax.Array
-    leaves: tuple
+    y: Any
+    aux: Any
 
 
 def manifold_step(
@@ -118,7 +124,7 @@ def manifold_step(
         m = key[0]
         eta = m.dual_step_size(cfg)
         lr = lr.astype(W.dtype)  # (float64 parameters: every product in float64)
-        if solver == "online" and m.runs_sharded:
+        if solver == "online" and m.runs_sharded and not owns(sharding):
             # Elementwise apart from the msign, whose input alone is gathered, and a few
             # reductions (scalar all-reduces on sharded parameters).
             fn = msign_fn(ms_kwargs, sharding)
@@ -132,9 +138,19 @@ def manifold_step(
             X, aux, plan = m.begin_retraction(W - lr * phi, aux, power_iters)
             return X, y, aux, plan
 
-        # Gather once, then the dual step and the retraction on whole matrices on every
-        # device (the retraction reuses the gathered W).
-        return run_replicated(leaf_step, sharding, G, W, y, aux, lr)
+        def owned_step(G, W, y, aux, lr):
+            # Each device's share retracted at once: deferring would split the stacks back
+            # into leaves between the two halves.
+            X, y, aux, plan = leaf_step(G, W, y, aux, lr)
+            X, aux = finish_now(m, X, aux, plan, power_iters)
+            return X, y, aux, None
+
+        if owns(sharding):
+            return run_placed(lambda *a: owned_step(*a, lr), sharding, G, W, y, aux)
+
+        # Whole matrices: gathered once and computed on every device ("gather"), or dealt to
+        # their owners ("owner"); the retraction reuses the gathered W.
+        return run_placed(lambda *a: leaf_step(*a, lr), sharding, G, W, y, aux)
 
     def update_fn(updates, state, params=None):
         dims, manifolds, g_leaves, treedef, w_leaves = update_leaves(
@@ -143,30 +159,34 @@ def manifold_step(
         lr = learning_rate(state.count) if callable(learning_rate) else learning_rate
         lr = jnp.asarray(lr, jnp.float32)
         # A manifold that reads no multiplier (square Stiefel) does not get it (or gather it).
+        states = leaf_states(state.y, state.aux, treedef)
         items, where, unviews = matrix_items(
-            g_leaves, w_leaves, manifolds, state.leaves, reads_multiplier=True, dims=dims
+            g_leaves, w_leaves, manifolds, states, reads_multiplier=True, dims=dims
         )
 
         def fn(key, *arrays):
             return group_step(key, *arrays, lr)
 
-        grouped = group_default(group)
-        new_u, new_s, pending = list(g_leaves), list(state.leaves), []
-        for i, (new, y, aux, plan) in zip(where, run_grouped(fn, items, grouped), strict=True):
-            w, ls, dtype = w_leaves[i], state.leaves[i], g_leaves[i].dtype
+        grouped = group_default(group, sharding)
+        results = run_grouped(fn, items, grouped, batched=owns(sharding))
+        new_u, new_s, pending = list(g_leaves), list(states), []
+        for i, (new, y, aux, plan) in zip(where, results, strict=True):
+            w, ls, dtype = w_leaves[i], states[i], g_leaves[i].dtype
             if plan is not None:  # retracted below, all such leaves together
                 pending.append(Deferred(i, manifolds[i], new, plan, w, dtype, unviews[i]))
             else:
                 new_u[i] = update_to(new, w, dtype, unviews[i])
             new_s[i] = LeafState(reshaped(y, ls.y), reshaped(aux, ls.aux))
         for i, aux in finish_deferred(pending, new_u, sharding, grouped, power_iters).items():
-            new_s[i] = LeafState(new_s[i].y, reshaped(aux, state.leaves[i].aux))
+            new_s[i] = LeafState(new_s[i].y, reshaped(aux, states[i].aux))
         count = optax.safe_increment(state.count)
-        return jax.tree.unflatten(treedef, new_u), ManifoldStepState(count, tuple(new_s))
+        new_state = ManifoldStepState(count, *state_trees(new_s, treedef))
+        return jax.tree.unflatten(treedef, new_u), new_state
 
     def init_fn(params):
         dims = view_specs(weight_dimension_numbers, params)
         leaves = initial_leaves(manifold, params, init_tolerance, power_iters, dims)
-        return ManifoldStepState(jnp.zeros([], jnp.int32), tuple(leaves))
+        trees = state_trees(leaves, jax.tree.structure(params))
+        return ManifoldStepState(jnp.zeros([], jnp.int32), *trees)
 
     return placed(optax.GradientTransformationExtraArgs(init_fn, update_fn), sharding)

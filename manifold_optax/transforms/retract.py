@@ -3,7 +3,7 @@ parameters."""
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -12,8 +12,9 @@ import optax
 from manifold_optax._placement import like_params, placed
 from manifold_optax.labels import path_to_str
 from manifold_optax.manifolds._ops import working
-from manifold_optax.sharding import run_replicated
-from manifold_optax.transforms._deferred import Deferred, finish_deferred
+from manifold_optax.sharding import owns, run_placed
+from manifold_optax.transforms._deferred import Deferred, finish_deferred, finish_now
+from manifold_optax.transforms._leaf_state import LeafState, leaf_states, state_trees
 from manifold_optax.transforms._leaves import (
     group_default,
     leaf_view,
@@ -30,9 +31,11 @@ __all__ = ["RetractState", "retract", "project_params"]
 
 
 class RetractState(NamedTuple):
-    """Per parameter leaf, the manifold's auxiliary state (``None`` where it has none)."""
+    """Per manifold leaf, the manifold's auxiliary state: a tree with the parameters'
+    structure (``optax.MaskedNode()`` at the other leaves and where a manifold keeps
+    none)."""
 
-    aux: tuple
+    aux: Any
 
 
 def retract(
@@ -73,23 +76,25 @@ def retract(
 
     def init_fn(params):
         dims = view_specs(weight_dimension_numbers, params)
-        manifolds = resolve_manifolds(manifold, params, dims)
+        leaves = jax.tree.leaves(params)
+        manifolds = resolve_manifolds(manifold, params, dims) if leaves else []
         auxes = []
-        for i, (x, m) in enumerate(zip(jax.tree.leaves(params), manifolds, strict=True)):
+        for i, (x, m) in enumerate(zip(leaves, manifolds, strict=True)):
             if m is None:
                 auxes.append(None)
             else:
                 W = leaf_view(working(x), None if dims is None else dims[i])[0]
                 auxes.append(m.update_aux(W, m.init_aux(W), power_iters))
-        return RetractState(tuple(auxes))
+        return RetractState(_aux_tree(auxes, jax.tree.structure(params)))
 
     def update_fn(updates, state, params=None):
         dims, manifolds, u_leaves, treedef, w_leaves = update_leaves(
             "retract", manifold, weight_dimension_numbers, updates, params
         )
         items, where, unviews = [], [], {}
+        state_aux = [s.aux for s in leaf_states(state.aux, state.aux, treedef)]
         for i, (u, w, m, aux) in enumerate(
-            zip(u_leaves, w_leaves, manifolds, state.aux, strict=True)
+            zip(u_leaves, w_leaves, manifolds, state_aux, strict=True)
         ):
             if m is None:
                 continue
@@ -105,29 +110,40 @@ def retract(
 
         def group_retract(key, V, aux):
             m = key[0]
-            if m.runs_sharded:
+            if m.runs_sharded and not owns(sharding):
                 return m.begin_retraction(V, aux, power_iters)
-            # Block iterations and the polish's Gram on whole matrices (see dual_ascent).
-            return run_replicated(
-                lambda V, a: m.begin_retraction(V, a, power_iters), sharding, V, aux
-            )
+            if owns(sharding):  # each device's share retracted at once (as manifold_step)
 
-        grouped = group_default(group)
-        out, auxes, pending = list(u_leaves), list(state.aux), []
+                def owned(V, a):
+                    X, a, plan = m.begin_retraction(V, a, power_iters)
+                    return (*finish_now(m, X, a, plan, power_iters), None)
+
+                return run_placed(owned, sharding, V, aux)
+            # Block iterations and the polish's Gram on whole matrices (see dual_ascent).
+            return run_placed(lambda V, a: m.begin_retraction(V, a, power_iters), sharding, V, aux)
+
+        grouped = group_default(group, sharding)
+        out, auxes, pending = list(u_leaves), list(state_aux), []
         for i, (new, aux, plan) in zip(
-            where, run_grouped(group_retract, items, grouped), strict=True
+            where, run_grouped(group_retract, items, grouped, owns(sharding)), strict=True
         ):
             w, u = w_leaves[i], u_leaves[i]
             if plan is not None:  # retracted below, all such leaves together
                 pending.append(Deferred(i, manifolds[i], new, plan, w, u.dtype, unviews[i]))
             else:
                 out[i] = update_to(new, w, u.dtype, unviews[i])
-            auxes[i] = reshaped(aux, state.aux[i])
+            auxes[i] = reshaped(aux, state_aux[i])
         for i, aux in finish_deferred(pending, out, sharding, grouped, power_iters).items():
-            auxes[i] = reshaped(aux, state.aux[i])
-        return jax.tree.unflatten(treedef, out), RetractState(tuple(auxes))
+            auxes[i] = reshaped(aux, state_aux[i])
+        return jax.tree.unflatten(treedef, out), RetractState(_aux_tree(auxes, treedef))
 
     return placed(optax.GradientTransformationExtraArgs(init_fn, update_fn), sharding)
+
+
+def _aux_tree(auxes: list, treedef):
+    """The auxiliary states (one per leaf, ``None`` where there is none) as a tree with the
+    parameters' structure."""
+    return state_trees([LeafState(None, a) for a in auxes], treedef)[1]
 
 
 def project_params(params, manifold_spec, *, weight_dimension_numbers=None):
