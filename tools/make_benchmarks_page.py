@@ -385,6 +385,94 @@ def sharding_section(out_dir) -> list[str]:
     return lines
 
 
+LM_NAMES = {
+    "muon_qk_clip": "muon + qk_clip",
+}
+
+
+def lm_machine_lines(r) -> list[str]:
+    """The file's machine line, for the runs that record none of their own, then one line per
+    machine the other runs record, naming their optimizers."""
+    groups: dict[str, list[str]] = {}
+    for run in r["runs"]:
+        line = machine_line(run if "machine" in run else r)
+        names = groups.setdefault(line, [])
+        if run["optimizer"] not in names:
+            names.append(run["optimizer"])
+    if len(groups) == 1:
+        return [next(iter(groups)), ""]
+    out = []
+    for line, names in groups.items():
+        out += [f"Runs of {', '.join(LM_NAMES.get(n, n) for n in names)}: {line}", ""]
+    return out
+
+
+def lm_logit_section(r, out_dir) -> list[str]:
+    """The largest attention logit over training of Muon with and without QK-clip, at each
+    learning rate: a table of the counts over the threshold and a figure."""
+    runs = [x for x in r["runs"] if x["optimizer"] in ("muon", "muon_qk_clip") and "max_logit" in x]
+    if not any(x["optimizer"] == "muon_qk_clip" for x in runs):
+        return []
+    tau = next(x["threshold"] for x in runs if x["optimizer"] == "muon_qk_clip")
+    lines = [
+        "### Attention logits and QK-clip",
+        "",
+        "Every block sows its heads' largest logit `q·k/√d_h` on the training batch",
+        f"(`mo.max_attention_logits`); `muon + qk_clip` passes them to `mo.qk_clip({tau:g})`,",
+        "last in the chain. At each evaluation the runs record the largest logit (over layers,",
+        "heads and the training batches since the previous evaluation, measured before each",
+        f"step's update); *over τ* counts the (step, layer, head) logits above τ = {tau:g} (for",
+        "`muon`, those QK-clip would have clipped) and the steps with at least one.",
+        "",
+    ]
+    rows = []
+    for x in runs:
+        o = x["over_threshold"]
+        logits = [v for _, v in x["max_logit"]]
+        rows.append(
+            (
+                LM_NAMES.get(x["optimizer"], x["optimizer"]),
+                g(x["lr"]),
+                g(x["final_val"], ".4f"),
+                g(max(logits), ".1f"),
+                g(logits[-1], ".1f"),
+                f"{o['logits']} / {o['of_logits']} ({o['logits'] / o['of_logits']:.1%})",
+                f"{o['steps']} / {o['of_steps']}",
+            )
+        )
+    header = (
+        "optimizer",
+        "lr",
+        "final val loss",
+        "max logit",
+        "max logit, last evaluation",
+        "logits over τ",
+        "steps over τ",
+    )
+    lines += table(header, rows) + [""]
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 3.4))
+    lrs = sorted({x["lr"] for x in runs})
+    styles = dict(zip(lrs, ("-", "--", ":", "-."), strict=False))
+    colors = {"muon": "C0", "muon_qk_clip": "C1"}
+    for x in runs:
+        steps, vals = zip(*x["max_logit"], strict=True)
+        name = LM_NAMES.get(x["optimizer"], x["optimizer"])
+        ax.plot(
+            steps,
+            vals,
+            ls=styles.get(x["lr"], "-"),
+            color=colors[x["optimizer"]],
+            label=f"{name} ({x['lr']:g})",
+        )
+    ax.axhline(tau, color="gray", ls=":", lw=1, label=f"τ = {tau:g}")
+    ax.set_xlabel("step")
+    ax.set_ylabel("max attention logit")
+    ax.legend(fontsize=7)
+    lines += [save(fig, out_dir, "train_lm_max_logit.png"), ""]
+    return lines
+
+
 def lm_section(out_dir) -> list[str]:
     r = load("train_lm.json")
     if r is None:
@@ -395,24 +483,28 @@ def lm_section(out_dir) -> list[str]:
         "`python benchmarks/train_lm.py`: a "
         f"{r['params'] / 1e6:.2f}M-parameter transformer ({c['layers']} layers, d = {c['d']}),",
         f"{c['steps']} steps of {c['batch']}×{c['seq']} characters of Python source; each",
-        "optimizer at its best learning rate of three.",
-        "",
-        machine_line(r),
+        "optimizer at its best learning rate of three (AdaMuon's around AdamW's, NorMuon's and",
+        "QK-clip's Muon's); a best learning rate at the end of its sweep may not be the",
+        "optimizer's best. Steps are counted at the evaluations, every",
+        f"{c['eval_every']} steps. `--only NAME ...` runs some optimizers and merges them into",
+        "the results.",
         "",
     ]
+    lines += lm_machine_lines(r)
     rows = []
     for name, s in r["summary"].items():
         steps = s["steps_to_target"]
+        swept = sorted({x["lr"] for x in r["runs"] if x["optimizer"] == name})
         rows.append(
             (
-                name,
-                s["lr"],
+                LM_NAMES.get(name, name),
+                ", ".join(f"**{x:g}**" if x == s["lr"] else f"{x:g}" for x in swept),
                 g(s["final_val"], ".4f"),
                 steps if steps is not None else "not reached",
                 g(s.get("ratio"), ".2f"),
             )
         )
-    header = ("optimizer", "lr", "final val loss", "steps to AdamW's final", "ratio")
+    header = ("optimizer", "lr (best in bold)", "final val loss", "steps to AdamW's final", "ratio")
     lines += table(header, rows) + [""]
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 3.4))
@@ -421,11 +513,13 @@ def lm_section(out_dir) -> list[str]:
         if run["lr"] != best:
             continue
         steps, _, val = zip(*run["curve"], strict=True)
-        ax.plot(steps, val, label=f"{run['optimizer']} ({run['lr']:g})")
+        name = LM_NAMES.get(run["optimizer"], run["optimizer"])
+        ax.plot(steps, val, label=f"{name} ({run['lr']:g})")
     ax.set_xlabel("step")
     ax.set_ylabel("validation loss")
-    ax.legend()
+    ax.legend(fontsize=7)
     lines += [save(fig, out_dir, "train_lm.png"), ""]
+    lines += lm_logit_section(r, out_dir)
     return lines
 
 
