@@ -10,6 +10,10 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
+import sys
+
+sys.path.insert(0, str(pathlib.Path(__file__).parent))
+from scaling_section import scaling_section  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -546,6 +550,7 @@ def main(argv=None):
         certified_section,
         spectral_section,
         sharding_section,
+        lambda out_dir: scaling_section(load, machine_line, table, g, _plt(), save, out_dir),
         lm_section,
     ):
         lines += section(out_dir)
