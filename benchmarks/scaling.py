@@ -110,7 +110,7 @@ def _child(args):
                     jax.block_until_ready(out)
                     times.append(time.perf_counter() - t0)
             final = jax.tree.map(np.asarray, p)
-            q = statistics.quantiles(times, n=4) if len(times) > 1 else [times[0]] * 3
+            q = statistics.quantiles(times, n=4, method="inclusive") if len(times) > 1 else [times[0]] * 3
             rows.append(
                 {
                     "optimizer": name,
