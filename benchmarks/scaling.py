@@ -110,7 +110,11 @@ def _child(args):
                     jax.block_until_ready(out)
                     times.append(time.perf_counter() - t0)
             final = jax.tree.map(np.asarray, p)
-            q = statistics.quantiles(times, n=4, method="inclusive") if len(times) > 1 else [times[0]] * 3
+            q = (
+                statistics.quantiles(times, n=4, method="inclusive")
+                if len(times) > 1
+                else [times[0]] * 3
+            )
             rows.append(
                 {
                     "optimizer": name,
@@ -213,7 +217,13 @@ def main():
     if args.json:
         from _machine import machine
 
-        out = {"machine": machine(), "width": args.width, "layers": args.layers, "rows": rows}
+        out = {
+            "machine": machine(),
+            "width": args.width,
+            "layers": args.layers,
+            "reps": args.reps,
+            "rows": rows,
+        }
         pathlib.Path(args.json).write_text(json.dumps(out, indent=1) + "\n")
 
 

@@ -4,6 +4,12 @@
 from __future__ import annotations
 
 
+def _ms(t) -> str:
+    if t.get("q1") is None:
+        return f"{t['median']:.0f}"
+    return f"{t['median']:.0f} [{t['q1']:.0f}, {t['q3']:.0f}]"
+
+
 def scaling_section(load, machine_line, table, g, plt, save, out_dir) -> list[str]:
     """Markdown lines (and a plot in ``out_dir``) for ``scaling.json``; ``[]`` without it.
     The helpers are the page generator's own."""
@@ -24,6 +30,8 @@ def scaling_section(load, machine_line, table, g, plt, save, out_dir) -> list[st
         machine_line(r),
         "",
     ]
+    if r.get("note"):
+        lines += [f"*{r['note']}.*", ""]
     body = [
         (
             x["optimizer"],
@@ -32,7 +40,7 @@ def scaling_section(load, machine_line, table, g, plt, save, out_dir) -> list[st
             g(x["gflop_per_device"], ".3f"),
             g(x.get("flop_ratio_vs_ideal"), ".2f"),
             g(x["collective_ratio"], ".2f"),
-            f"{x['step_ms']['median']:.0f} [{x['step_ms']['q1']:.0f}, {x['step_ms']['q3']:.0f}]",
+            _ms(x["step_ms"]),
             g(x.get("max_rel_diff_vs_1"), ".1e"),
         )
         for x in rows
