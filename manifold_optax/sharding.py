@@ -103,22 +103,26 @@ class MsignSharding:
             return x
         return jax.lax.with_sharding_constraint(x, NamedSharding(auto_mesh(self.mesh), P()))
 
+    def _mapped(self, f, spec, args, local_args):
+        """``f`` under a ``shard_map`` whose every input and output has ``spec``;
+        ``local_args`` are the per-device shapes of ``args`` (for the outputs' structure)."""
+        specs = lambda tree: jax.tree.map(lambda _: spec, tree)  # noqa: E731
+        g = jax.shard_map(
+            f,
+            mesh=auto_mesh(self.mesh),
+            in_specs=specs(args),
+            out_specs=specs(jax.eval_shape(f, *local_args)),
+            check_vma=False,
+        )
+        return g(*args)
+
     def run_replicated(self, f, *args):
         """Run ``f`` on whole (gathered) arrays on every device: a ``shard_map`` whose inputs and
         outputs are all replicated, so nothing inside can be re-sharded behind our back (one
         all-gather per input at the boundary; slicing the outputs back is free)."""
         if self.strategy == "none":
             return f(*args)
-        spec = lambda tree: jax.tree.map(lambda _: P(), tree)
-        out_shape = jax.eval_shape(f, *args)
-        g = jax.shard_map(
-            f,
-            mesh=auto_mesh(self.mesh),
-            in_specs=spec(args),
-            out_specs=spec(out_shape),
-            check_vma=False,
-        )
-        return g(*args)
+        return self._mapped(f, P(), args, args)
 
     def run_owned(self, f, *args):
         """Run ``f`` on a stack of whole matrices split over the owner axes: every array of
@@ -137,19 +141,10 @@ class MsignSharding:
                 lambda a: jnp.concatenate([a, jnp.repeat(a[:1], pad, axis=0)], axis=0), args
             )
         axes = self.owner_axes if len(self.owner_axes) > 1 else self.owner_axes[0]
-        spec = lambda tree: jax.tree.map(lambda _: P(axes), tree)  # noqa: E731
         local = jax.tree.map(
             lambda a: jax.ShapeDtypeStruct((a.shape[0] // n,) + a.shape[1:], a.dtype), args
         )
-        out_shape = jax.eval_shape(f, *local)
-        g = jax.shard_map(
-            f,
-            mesh=auto_mesh(self.mesh),
-            in_specs=spec(args),
-            out_specs=spec(out_shape),
-            check_vma=False,
-        )
-        out = g(*args)
+        out = self._mapped(f, P(axes), args, local)
         return jax.tree.map(lambda r: r[:B], out) if pad else out
 
 
