@@ -172,7 +172,11 @@ def _own_ndim(layer: Layer) -> int:
 def _nnx_dimension_numbers(model, *, heads, split_fused, fallback_patterns, overrides):
     from flax import nnx
 
-    modules = {tuple(p): node for p, node in nnx.iter_graph(model) if isinstance(node, nnx.Module)}
+    modules = {  # keyed as path_to_str spells a path: list indices are strings
+        tuple(str(k) for k in p): node
+        for p, node in nnx.iter_graph(model)
+        if isinstance(node, nnx.Module)
+    }
 
     def spec(path, x):
         keys = tuple(path_to_str(path).split("/"))

@@ -282,3 +282,14 @@ def test_a_leaf_with_more_than_two_axes_needs_a_spec():
     spec = {"stack": mo.MatrixSpec(1, 2), "w": mo.MatrixSpec(0, 1)}
     mo.project_params(params, mo.Stiefel(), weight_dimension_numbers=spec)
     mo.muon(0.1, fallback_patterns=("stack",)).init(params)
+
+
+def test_layers_in_lists_and_sequentials_are_found():
+    class Model(nnx.Module):
+        def __init__(self):
+            self.blocks = nnx.List([nnx.Linear(4, 6, rngs=nnx.Rngs(i)) for i in range(2)])
+            self.seq = nnx.Sequential(nnx.Linear(6, 4, rngs=nnx.Rngs(2)), nnx.relu)
+
+    spec = nnx.to_pure_dict(mo.flax_dimension_numbers(Model()))
+    linear = {"kernel": mo.MatrixSpec((0,), (1,)), "bias": None}
+    assert spec == {"blocks": {0: linear, 1: linear}, "seq": {"layers": {0: linear}}}

@@ -294,6 +294,52 @@ def test_after_muon_in_a_chain():
     np.testing.assert_allclose(_logits(attn, x)[over], tau, rtol=16 * EPS32 * (16 + 4))
 
 
+def _fuse(sep):
+    """``{wq, wk, wv}`` (each a kernel and a bias) → ``{qkv}``, the columns side by side."""
+    a = sep["blocks"]["attn"]
+    cat = {n: jnp.concatenate([a[p][n] for p in ("wq", "wk", "wv")], -1) for n in a["wq"]}
+    return {"blocks": {"attn": {"qkv": cat}}}
+
+
+def test_fused_qkv_is_clipped_as_separate_projections(rng):
+    """A fused ``qkv`` kernel ``(layers, in, 3·heads·head_dim)`` and its bias come out of a
+    step as their three column blocks would as separate ``wq``, ``wk``, ``wv`` (checked against
+    the reference above): bitwise, the value columns untouched."""
+    hq, layers = 4, 2
+    params, x = _block(rng, layers, hq, hq)
+    a = params["blocks"]["attn"]
+    s = np.asarray(_block_logits(params, x, hq, hq), np.float32)
+    kv = {
+        n: {"kernel": a[n], "bias": rng.standard_normal(a["wq"]["bias"].shape)}
+        for n in ("wk", "wv")
+    }
+    sep = {"blocks": {"attn": {"wq": a["wq"], **kv}}}
+    sep = jax.tree.map(lambda v: jnp.asarray(v, jnp.float32), sep)
+    grads = jax.tree.map(lambda v: jnp.asarray(rng.standard_normal(v.shape), v.dtype), sep)
+    tau = float(np.median(s))
+    assert np.any(s > tau) and np.any(s <= tau)
+
+    def stepped(p, g, **names):
+        tx = optax.chain(optax.sgd(0.1), mo.qk_clip(tau, **names))
+        u, _ = jax.jit(tx.update)(g, tx.init(p), p, max_logits={"blocks/attn": s})
+        return optax.apply_updates(p, u)
+
+    got = stepped(_fuse(sep), _fuse(grads), fused="qkv")
+    want = _fuse(stepped(sep, grads, query="wq", key="wk"))
+    jax.tree.map(np.testing.assert_array_equal, got, want)
+    v_cols = slice(2 * a["wk"].shape[-1], None)
+    np.testing.assert_array_equal(
+        got["blocks"]["attn"]["qkv"]["kernel"][..., v_cols],
+        (sep["blocks"]["attn"]["wv"]["kernel"] - 0.1 * grads["blocks"]["attn"]["wv"]["kernel"]),
+    )
+    tx = mo.qk_clip(tau, fused="qkv")
+    fused = _fuse(sep)
+    with pytest.raises(ValueError, match="'blocks/attn/qkv/kernel'.*15 heads"):
+        tx.update(fused, tx.init(fused), fused, max_logits={"blocks/attn": np.ones((layers, 5))})
+    with pytest.raises(ValueError, match="or 'qkv'"):
+        tx.update(fused, tx.init(fused), fused, max_logits={"blocks/norm": s})
+
+
 # ---- bad input ---------------------------------------------------------------------------
 
 

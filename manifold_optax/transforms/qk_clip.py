@@ -46,10 +46,10 @@ def _projection(index: dict, prefix: tuple, name: str):
     return None
 
 
-def _module_of(key: tuple, index: dict, query: str, key_name: str):
+def _module_of(key: tuple, index: dict, query: str, key_name: str, fused: str | None):
     """The attention module a ``max_logits`` entry belongs to: the entry's own path, that path
     without the trailing sequence indices (the tuple ``sow`` keeps), or that without the sown
-    name; the first that has both projections."""
+    name; the first that has both projections (``k`` is ``None`` for a fused projection)."""
     stripped = key
     while stripped and stripped[-1].isdigit():
         stripped = stripped[:-1]
@@ -58,8 +58,12 @@ def _module_of(key: tuple, index: dict, query: str, key_name: str):
         k = _projection(index, prefix, key_name)
         if q is not None and k is not None:
             return prefix, q, k
+        f = _projection(index, prefix, fused) if fused is not None else None
+        if f is not None:
+            return prefix, f, None
+    names = f"{query!r} and {key_name!r}" + (f" (or {fused!r})" if fused else "")
     raise ValueError(
-        f"max_logits entry {_name(key)!r}: no {query!r} and {key_name!r} projections under it "
+        f"max_logits entry {_name(key)!r}: no {names} projections under it "
         f"(looked for {_name(stripped[:-1] + (query, 'kernel'))!r} and the like) in the "
         "parameters"
     )
@@ -108,6 +112,7 @@ def qk_clip(
     *,
     query: str = "query",
     key: str = "key",
+    fused: str | None = None,
     manifold=None,
     weight_dimension_numbers=None,
 ) -> optax.GradientTransformationExtraArgs:
@@ -137,8 +142,12 @@ def qk_clip(
     parameters ``module/query/kernel`` (or a bare ``module/query``), ``module/query/bias`` and
     the same for ``key`` are rescaled. ``S`` is ``(*stack, heads)``, the leading axes those of
     stacked layers (``nnx.scan``); the kernels are ``(*stack, in, heads, head_dim)`` (Flax's
-    ``LinearGeneral``) or ``(*stack, in, heads·head_dim)``. Several entries for one module (a
-    module called twice) take their maximum.
+    ``LinearGeneral``) or ``(*stack, in, heads·head_dim)``. A module whose queries, keys and
+    values come from one fused projection named ``fused``, a kernel ``(*stack, in,
+    3·heads·head_dim)`` whose columns are the queries, the keys and the values of every head in
+    that order (and its bias), has the query and key columns of a clipped head rescaled, the
+    value columns kept. Several entries for one module (a module called twice) take their
+    maximum.
 
     Rescaling moves a weight off a manifold, so a rescaled leaf that ``manifold`` (the spec of
     :func:`~manifold_optax.manifold_muon`) puts on one is an error; a spectral sphere on
@@ -148,6 +157,8 @@ def qk_clip(
       threshold: ``τ > 0``, the largest logit allowed.
       query: the name of the query projection inside an attention module.
       key: the name of the key projection inside an attention module.
+      fused: optional name of a fused query-key-value projection inside an attention module
+        (``"qkv"``), used where a module has no separate ``query`` and ``key``.
       manifold: optional manifold spec of the parameters (as ``manifold_muon``'s); a leaf it
         would rescale that has a manifold raises ValueError naming it.
       weight_dimension_numbers: the weight dimension spec that goes with ``manifold``.
@@ -215,7 +226,7 @@ def qk_clip(
         modules: dict = {}
         for path, s in entries:
             k = _key(path)
-            prefix, q_idx, k_idx = _module_of(k, index, query, key)
+            prefix, q_idx, k_idx = _module_of(k, index, query, key, fused)
             s = jnp.asarray(s)
             if s.ndim < 1:
                 raise ValueError(f"max_logits entry {_name(k)!r} must be (*stack, heads), got ()")
@@ -230,6 +241,32 @@ def qk_clip(
                 )
             s = found[0][1] if len(found) == 1 else jnp.max(jnp.stack([v for _, v in found]), 0)
             batch, heads = s.shape[:-1], s.shape[-1]
+            s = s.astype(jnp.promote_types(s.dtype, jnp.float32))
+            clip = jnp.isfinite(s) & (s > tau)
+            gamma = jnp.where(clip, tau / jnp.where(clip, s, 1.0), 1.0)
+            if k_idx is None:  # fused: the 3·heads column blocks are q heads, k heads, v heads
+                root = jnp.sqrt(gamma)
+                scale = jnp.concatenate([root, root, jnp.ones_like(root)], axis=-1)
+                mask = jnp.concatenate([clip, clip, jnp.zeros_like(clip)], axis=-1)
+                for i in q_idx:
+                    if i is None:
+                        continue
+                    _check_off_manifold(manifolds, i, keys)
+                    wv, _ = _head_view(
+                        w[i], 3 * heads, None, batch, bias=i == q_idx[1], where=_name(keys[i])
+                    )
+                    u[i] = _rescaled(
+                        u[i],
+                        w[i],
+                        scale,
+                        mask,
+                        3 * heads,
+                        wv.shape[-1],
+                        batch,
+                        i == q_idx[1],
+                        _name(keys[i]),
+                    )
+                continue
             qk, qb = q_idx
             kk, kb = k_idx
             qv, _ = _head_view(w[qk], heads, None, batch, bias=False, where=_name(keys[qk]))
@@ -241,9 +278,6 @@ def qk_clip(
                     "query heads of its max_logits entry"
                 )
             shared = key_heads != heads
-            s = s.astype(jnp.promote_types(s.dtype, jnp.float32))
-            clip = jnp.isfinite(s) & (s > tau)
-            gamma = jnp.where(clip, tau / jnp.where(clip, s, 1.0), 1.0)
             targets = [(qk, False, gamma if shared else jnp.sqrt(gamma))]
             if qb is not None:
                 targets.append((qb, True, targets[0][2]))
@@ -252,17 +286,21 @@ def qk_clip(
                 if kb is not None:
                     targets.append((kb, True, jnp.sqrt(gamma)))
             for i, is_bias, scale in targets:
+                _check_off_manifold(manifolds, i, keys)
                 where = _name(keys[i])
-                if manifolds is not None and manifolds[i] is not None:
-                    raise ValueError(
-                        f"qk_clip would rescale {where!r}, which is on the manifold "
-                        f"{manifolds[i]!r}: rescaling moves it off; leave it off the manifold "
-                        "or bound its logits with a spectral sphere instead of qk_clip"
-                    )
                 u[i] = _rescaled(u[i], w[i], scale, clip, heads, head_dim, batch, is_bias, where)
         return jax.tree_util.tree_unflatten(treedef, u), state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _check_off_manifold(manifolds, i: int, keys) -> None:
+    if manifolds is not None and manifolds[i] is not None:
+        raise ValueError(
+            f"qk_clip would rescale {_name(keys[i])!r}, which is on the manifold "
+            f"{manifolds[i]!r}: rescaling moves it off; leave it off the manifold "
+            "or bound its logits with a spectral sphere instead of qk_clip"
+        )
 
 
 def _rescaled(u, w, scale, mask, heads, head_dim, batch, is_bias, where):
