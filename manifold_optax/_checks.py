@@ -22,6 +22,20 @@ def _param_path(path, param_paths):
     return path
 
 
+def _names(path) -> tuple:
+    """A key path as its names: an attribute, a dict key and a sequence index alike (a named
+    tuple that ``nnx.Optimizer`` hands back as a mapping keeps its path)."""
+    out = []
+    for k in path:
+        for attr in ("name", "key", "idx"):
+            if hasattr(k, attr):
+                out.append(str(getattr(k, attr)))
+                break
+        else:
+            out.append(str(k))
+    return tuple(out)
+
+
 def _check_state(name, init, updates, state):
     """The state must have the structure and the leaf shapes that ``init`` gives parameters
     shaped like the gradients (read by ``jax.eval_shape``: nothing runs)."""
@@ -29,7 +43,7 @@ def _check_state(name, init, updates, state):
     want = jax.tree_util.tree_flatten_with_path(jax.eval_shape(init, like))[0]
     got = jax.tree_util.tree_flatten_with_path(state)[0]
     param_paths = {tuple(p) for p, _ in jax.tree_util.tree_flatten_with_path(updates)[0]}
-    if [p for p, _ in want] != [p for p, _ in got]:
+    if [_names(p) for p, _ in want] != [_names(p) for p, _ in got]:
         raise ValueError(
             f"{name}: the optimizer state does not have the structure that init gives these "
             f"parameters ({len(got)} leaves, {len(want)} expected); was it made by this "

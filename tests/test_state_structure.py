@@ -145,3 +145,49 @@ def test_a_state_made_for_other_parameters_is_a_clear_error():
     other = dict(params, layer=dict(params["layer"], b=jnp.eye(6)[:, :4]))
     with pytest.raises(ValueError, match=r"'layer/b'.*shape"):
         tx.update(jax.tree.map(jnp.ones_like, other), state, other)
+
+
+@pytest.mark.parametrize("name", ["spectral_sphere", "stiefel"])
+def test_nnx_optimizer_steps_equal_plain_optax_steps(name):
+    """``nnx.Optimizer`` hands a named tuple nested in a parameter-shaped state (the spectral
+    sphere's warm block) back as an ``nnx.State``; the steps it takes are those of ``tx.update``
+    on the plain trees."""
+    from flax import nnx
+
+    class Model(nnx.Module):
+        def __init__(self):
+            @nnx.split_rngs(splits=2)
+            @nnx.vmap(in_axes=(0,), out_axes=0)
+            def stack(rngs):
+                return nnx.Linear(8, 6, use_bias=False, rngs=rngs)
+
+            self.stack = stack(nnx.Rngs(0))
+            self.head = nnx.Linear(6, 3, rngs=nnx.Rngs(1))
+
+        def __call__(self, x):
+            return self.head(jnp.tanh(jnp.einsum("bi,lio->bo", x, self.stack.kernel[...])))
+
+    model = Model()
+    spec = mo.by_shape(lambda fi, fo: MANIFOLDS[name])
+    nnx.update(model, mo.project_params(nnx.state(model, nnx.Param), spec))
+    tx = mo.manifold_muon(0.05, spec)
+    params = jax.tree.map(jnp.array, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+    state = tx.init(params)
+    opt = nnx.Optimizer(model, tx, wrt=nnx.Param)
+    x = jnp.asarray(np.random.default_rng(1).standard_normal((5, 8)), jnp.float32)
+    loss = lambda m: jnp.sum(m(x) ** 2)  # noqa: E731
+
+    @nnx.jit
+    def step(m, o):
+        o.update(m, nnx.grad(loss)(m))
+
+    def plain_loss(p):
+        h = jnp.tanh(jnp.einsum("bi,lio->bo", x, p["stack"]["kernel"]))
+        return jnp.sum((h @ p["head"]["kernel"] + p["head"]["bias"]) ** 2)
+
+    for _ in range(3):
+        step(model, opt)
+        updates, state = jax.jit(tx.update)(jax.grad(plain_loss)(params), state, params)
+        params = optax.apply_updates(params, updates)
+    got = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), got, params)

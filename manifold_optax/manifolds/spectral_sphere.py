@@ -20,16 +20,20 @@ class SpectralAux(NamedTuple):
     """The spectral sphere's auxiliary state, per matrix: the warm block and, once refreshed,
     the top singular triple of the matrix it was refreshed at.
 
+    The fields are in alphabetical order, the order a mapping of them has: ``nnx.Optimizer``
+    hands a tuple nested in a parameter-shaped state back as an ``nnx.State``, whose leaves
+    then come in the same order and whose attributes read the same.
+
     Attributes:
-      v: ``[*b, min(rows, cols), p]`` the block (short side), or ``None`` before a cold start.
       sigma: ``[*b]`` the top singular value (a lower bound: a Rayleigh quotient).
       u: ``[*b, rows]`` the top left singular vector.
+      v: ``[*b, min(rows, cols), p]`` the block (short side), or ``None`` before a cold start.
       vec: ``[*b, cols]`` the top right singular vector.
     """
 
-    v: Any
     sigma: Any = None
     u: Any = None
+    v: Any = None
     vec: Any = None
 
 

@@ -262,8 +262,12 @@ def matrix_items(g_leaves, w_leaves, manifolds, states, reads_multiplier: bool =
 
 
 def reshaped(new, like):
-    """``new`` (an array, None or a pytree) reshaped leaf by leaf to ``like``'s shapes."""
-    return jax.tree.map(lambda a, b: a.reshape(b.shape), new, like)
+    """``new`` (an array, None or a pytree) reshaped leaf by leaf to ``like``'s shapes, the
+    leaves matched in order (``like`` may be the same fields as a mapping: the named tuple
+    ``nnx.Optimizer`` hands back as an ``nnx.State``)."""
+    leaves, treedef = jax.tree.flatten(new)
+    shapes = [jnp.shape(b) for b in jax.tree.leaves(like)]
+    return jax.tree.unflatten(treedef, [a.reshape(s) for a, s in zip(leaves, shapes, strict=True)])
 
 
 #: Defaults of the structural integer arguments (loop lengths, filter degrees).
