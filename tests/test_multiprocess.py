@@ -25,7 +25,7 @@ STRATEGIES = ("gather", "owner")
 LEAVES = ("a", "b", "bias", "c", "d")
 TIMEOUT_S = 420  # the three processes together, on a loaded 2-core machine
 
-# Under pytest-xdist, the whole module runs on one worker: its module-scoped fixture starts
+# Under pytest-xdist, the whole module runs on one worker: its session-scoped fixture starts
 # the subprocesses once.
 pytestmark = pytest.mark.xdist_group("multiprocess_subprocesses")
 
@@ -87,10 +87,12 @@ def _run_all(commands, logs):
         pytest.fail(f"{failed}\n" + "\n".join(tails), pytrace=False)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def runs(tmp_path_factory):
     """The pod's 2 processes and the reference, together (the reference restores the pod's
-    checkpoint once it is written)."""
+    checkpoint once it is written). Session-scoped: under ``--dist loadgroup`` the worker may
+    run other modules' tests between this module's, and a module-scoped fixture would start
+    the processes again."""
     out = tmp_path_factory.mktemp("multiprocess")
     ckpt, logs = out / "ckpt", out / "logs"
     ckpt.mkdir()
