@@ -17,6 +17,7 @@ SMALL = {
     "01_msign.ipynb": "n = 96\nreps = 2",
     "02_manifolds.ipynb": "n, m = 48, 24\nonline_steps = 120",
     "03_training.ipynb": "steps = 60",
+    "04_width_transfer.ipynb": "widths = [32, 128]\nsteps = 150",
     "05_how_far_is_online.ipynb": "steps, every, d = 40, 20, 16",
 }
 

@@ -13,6 +13,7 @@ import pathlib
 import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
+from gpt_section import gpt_section  # noqa: E402
 from scaling_section import scaling_section  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -552,6 +553,7 @@ def main(argv=None):
         sharding_section,
         lambda out_dir: scaling_section(load, machine_line, table, g, _plt(), save, out_dir),
         lm_section,
+        lambda out_dir: gpt_section(load, machine_line, table, g, _plt(), save, out_dir),
     ):
         lines += section(out_dir)
     (out_dir / "benchmarks.md").write_text("\n".join(lines).rstrip() + "\n")
