@@ -19,8 +19,8 @@ and norm scales to AdamW at ``adam_lr``.
    spectral sphere and on Stiefel, fewer steps; the optimal learning rate per width and how
    many grid points it moves from the smallest width to the largest.
 
-Run: ``python benchmarks/gpt.py`` (both parts, about an hour on 2 CPU cores) or ``--quick``
-(tiny sizes, a few minutes). Results: ``benchmarks/results/gpt.{json,md,png}`` and
+Run: ``python benchmarks/gpt.py`` (both parts; each result file records its wall-clock
+``seconds``) or ``--quick`` (tiny sizes, a few minutes). Results: ``benchmarks/results/gpt.{json,md,png}`` and
 ``gpt_width.{json,png}`` (``--out DIR`` writes them elsewhere).
 """
 
@@ -32,6 +32,7 @@ import math
 import pathlib
 import sys
 import time
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -42,9 +43,10 @@ from flax import nnx
 import manifold_optax as mo
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
+from _curves import best_runs, loss_at, steps_to  # noqa: E402
 from _machine import machine  # noqa: E402
 from gpt_model import GPT, Windows, count_params, dimension_numbers, load_corpus  # noqa: E402
-from gpt_report import plot, plot_width, table  # noqa: E402
+from gpt_report import curves_figure, save, table, width_figure  # noqa: E402
 
 RESULTS = pathlib.Path(__file__).parent / "results"
 QK_CLIP_THRESHOLD = 20.0
@@ -96,82 +98,112 @@ def optax_muon_dims(dims):
     return fn
 
 
-def make_tx(name, lr, cfg, dims):
-    """The optimizer ``name`` at peak learning rate ``lr``, and its manifold spec (or None)."""
+def make_tx(name, cfg, dims):
+    """The optimizer ``name`` and its manifold spec (or None). Its peak learning rate is a
+    hyperparameter in the state (``optax.inject_hyperparams``: ``state.hyperparams["peak"]``),
+    so one compiled step serves a whole learning-rate grid; the schedule is ``peak`` times a
+    warmup-cosine from 0 to 1 and down to 0.1."""
     steps = cfg["steps"]
-
-    def sched(peak):
-        return optax.warmup_cosine_decay_schedule(0.0, peak, max(1, steps // 20), steps, peak / 10)
-
-    adam = dict(adam_learning_rate=sched(cfg["adam_lr"]), adam_b2=0.95)
-    if name == "adamw":
-        return optax.adamw(sched(lr), b2=0.95, weight_decay=0.01), None
-    if name == "optax_muon":
-        tx = optax.contrib.muon(
-            sched(lr), muon_weight_dimension_numbers=optax_muon_dims(dims), **adam
-        )
-        return tx, None
+    unit = optax.warmup_cosine_decay_schedule(0.0, 1.0, max(1, steps // 20), steps, 0.1)
+    adam = dict(adam_learning_rate=lambda c: cfg["adam_lr"] * unit(c), adam_b2=0.95)
     base = "muon" if name == "muon_qk_clip" else name
-    if base in MUON_FAMILY:
-        tx = MUON_FAMILY[base](sched(lr), weight_dimension_numbers=dims, **adam)
-        if name == "muon_qk_clip":
-            tx = optax.chain(tx, mo.qk_clip(QK_CLIP_THRESHOLD, fused="qkv"))
-        return tx, None
-    spec = MANIFOLDS[name]()
-    return mo.manifold_muon(sched(lr), spec, weight_dimension_numbers=dims, **adam), spec
+    spec = MANIFOLDS[name]() if name in MANIFOLDS else None
+
+    def build(peak):
+        lr = lambda c: peak * unit(c)  # noqa: E731
+        if name == "adamw":
+            return optax.adamw(lr, b2=0.95, weight_decay=0.01)
+        if name == "optax_muon":
+            return optax.contrib.muon(
+                lr, muon_weight_dimension_numbers=optax_muon_dims(dims), **adam
+            )
+        if base in MUON_FAMILY:
+            tx = MUON_FAMILY[base](lr, weight_dimension_numbers=dims, **adam)
+            if name == "muon_qk_clip":
+                tx = optax.chain(tx, mo.qk_clip(QK_CLIP_THRESHOLD, fused="qkv"))
+            return tx
+        return mo.manifold_muon(lr, spec, weight_dimension_numbers=dims, **adam)
+
+    return optax.inject_hyperparams(build)(peak=1.0), spec
+
+
+def loss_fn(m, xy):
+    logits, max_logits = m(xy[:, :-1])
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, xy[:, 1:]).mean()
+    return loss, max_logits
+
+
+@nnx.jit(donate_argnums=(0, 1), static_argnames="clip")
+def train_step(m, o, xy, clip=False):
+    (loss, max_logits), g = nnx.value_and_grad(loss_fn, has_aux=True)(m, xy)
+    if clip:
+        o.update(m, g, max_logits={"blocks/attn": max_logits})
+    else:
+        o.update(m, g)
+    return loss, jnp.max(max_logits)
+
+
+@nnx.jit
+def evaluate(m, xy):
+    return loss_fn(m, xy)[0]
+
+
+@nnx.jit(static_argnums=1)
+def new_optimizer(model, tx):
+    """``nnx.Optimizer(model, tx)`` as one compiled program (the manifolds' initial warm
+    blocks would otherwise run op by op)."""
+    return nnx.Optimizer(model, tx, wrt=nnx.Param)
+
+
+_TX = {}  # one optimizer object per (optimizer, configuration): the compiled steps are shared
 
 
 def run(name, lr, cfg, train, val, seed=0):
-    """Train one model; the curve is ``(step, train loss, val loss, training seconds)``."""
+    """Train one model; the curve is ``(step, train loss, val loss, training seconds)``. The
+    runs of one optimizer and configuration differ only in the state's peak learning rate, so
+    they share one compiled step (the first run's first steps compile it)."""
     model = GPT(cfg["d"], cfg["layers"], cfg["heads"], cfg["seq"], rngs=nnx.Rngs(seed))
     dims = dimension_numbers(model)
-    tx, spec = make_tx(name, lr, cfg, dims)
-    if spec is not None:
-        params = nnx.state(model, nnx.Param)
-        nnx.update(model, mo.project_params(params, spec, weight_dimension_numbers=dims))
-    opt = nnx.Optimizer(model, tx, wrt=nnx.Param)
+    key = (name, *sorted(cfg.items()))
+    if key not in _TX:
+        tx, spec = make_tx(name, cfg, dims)
+        project = spec and jax.jit(
+            partial(mo.project_params, manifold_spec=spec, weight_dimension_numbers=dims)
+        )
+        _TX[key] = tx, project
+    tx, project = _TX[key]
+    if project:
+        nnx.update(model, project(nnx.state(model, nnx.Param)))
+    opt = new_optimizer(model, tx)
+    opt.opt_state.hyperparams["peak"].value = jnp.asarray(lr, jnp.float32)
     clip = name == "muon_qk_clip"
-
-    def loss_fn(m, xy):
-        logits, max_logits = m(xy[:, :-1])
-        loss = optax.softmax_cross_entropy_with_integer_labels(logits, xy[:, 1:]).mean()
-        return loss, max_logits
-
-    @nnx.jit(donate_argnums=(0, 1))
-    def step(m, o, xy):
-        (loss, max_logits), g = nnx.value_and_grad(loss_fn, has_aux=True)(m, xy)
-        if clip:
-            o.update(m, g, max_logits={"blocks/attn": max_logits})
-        else:
-            o.update(m, g)
-        return loss, jnp.max(max_logits)
-
-    @nnx.jit
-    def evaluate(m, xy):
-        return loss_fn(m, xy)[0]
 
     batches = Windows(train, cfg["seq"], cfg["batch"], seed=seed)
     vb = Windows(val, cfg["seq"], cfg["batch"], seed=1234)
     vbatches = [jnp.asarray(vb.next()) for _ in range(cfg["val_batches"])]
-    curve, logits, times, seconds = [], [], [], 0.0
+    evals, logits, times = [], [], []
     window = -np.inf
     for t in range(1, cfg["steps"] + 1):
         xy = jnp.asarray(batches.next())
         t0 = time.perf_counter()
-        loss, s_max = step(model, opt, xy)
+        loss, s_max = train_step(model, opt, xy, clip=clip)
         loss = float(loss)  # waits for the step
-        dt = time.perf_counter() - t0
-        seconds += dt
-        times.append(dt)
+        times.append(time.perf_counter() - t0)
         window = max(window, float(s_max))
         if t % cfg["eval_every"] == 0 or t == cfg["steps"]:
             vl = float(np.mean([float(evaluate(model, v)) for v in vbatches]))
-            curve.append((t, loss, vl, seconds))
+            evals.append((t, loss, vl))
             logits.append((t, window))
             window = -np.inf
             if not np.isfinite(vl):
                 break
-    steady = np.asarray(times[2:] or times)  # the first steps compile
+    # Training seconds: the steps' times, the first two (which may compile: the first step,
+    # and the second where nnx.Optimizer hands a state back in another pytree form) counted at
+    # the run's median step time, so no run pays for a compilation another run reused.
+    steady = times[2:] or times
+    seconds = np.cumsum([np.median(steady)] * min(2, len(times)) + times[2:])
+    curve = [(t, loss, vl, float(seconds[t - 1])) for t, loss, vl in evals]
+    steady = np.asarray(steady)
     return {
         "optimizer": name,
         "lr": lr,
@@ -185,25 +217,6 @@ def run(name, lr, cfg, train, val, seed=0):
         },
         "max_logit": logits,
     }
-
-
-def steps_to(curve, target):
-    return next((c[0] for c in curve if c[2] <= target), None)
-
-
-def loss_at(curve, seconds):
-    """The validation loss of the last evaluation at or before ``seconds`` of training."""
-    seen = [c[2] for c in curve if c[3] <= seconds * (1 + 1e-9)]
-    return seen[-1] if seen else None
-
-
-def best_runs(runs):
-    best = {}
-    for r in runs:
-        n = r["optimizer"]
-        if n not in best or not (r["final_val"] >= best[n]["final_val"]):
-            best[n] = r
-    return best
 
 
 def summarize(runs):
@@ -249,13 +262,13 @@ def config(quick: bool):
         heads=8,
         seq=64,
         batch=8,
-        steps=300,
-        eval_every=25,
+        steps=120,
+        eval_every=10,
         val_batches=4,
         adam_lr=4e-3,
         corpus=4_000_000,
     )
-    width = dict(base, steps=150, eval_every=50)
+    width = dict(base, layers=2, steps=100, eval_every=25)
     widths = [64, 128, 256]
     if quick:
         base.update(
@@ -322,6 +335,7 @@ def main(argv=None):
         print(
             f"corpus {len(train)} train / {len(val)} val bytes; model {n_params / 1e6:.2f}M params"
         )
+        t_part = time.perf_counter()
         names = ["adamw"] + [n for n in a.optimizers if n != "adamw"]
         runs = []
         for n in names:
@@ -329,7 +343,10 @@ def main(argv=None):
                 runs.append(run(n, lr, cfg, train, val))
                 log(runs[-1], time.perf_counter() - t_start)
         s = summarize(runs)
-        result = dict(machine=machine(), config=cfg, params=n_params, **s, runs=runs)
+        seconds = time.perf_counter() - t_part
+        result = dict(
+            machine=machine(), config=cfg, params=n_params, seconds=seconds, **s, runs=runs
+        )
         (a.out / "gpt.json").write_text(json.dumps(result, indent=1))
         md = table(s["summary"], s["target"], s["equal_time_seconds"])
         head = (
@@ -338,8 +355,9 @@ def main(argv=None):
         )
         (a.out / "gpt.md").write_text(head + md + "\n")
         print("\n" + md)
-        plot(best_runs(runs), a.out / "gpt.png", s["target"])
+        save(curves_figure(best_runs(runs), s["target"]), a.out / "gpt.png")
     if a.part in ("all", "width"):
+        t_part = time.perf_counter()
         runs = []
         for d in widths:
             c = dict(wcfg, d=d, heads=max(1, d // 32) if not a.quick else 2)
@@ -349,7 +367,13 @@ def main(argv=None):
                     log(runs[-1], time.perf_counter() - t_start)
         summary = summarize_width(runs, widths)
         result = dict(
-            machine=machine(), config=wcfg, widths=widths, grids=wlrs, summary=summary, runs=runs
+            machine=machine(),
+            config=wcfg,
+            widths=widths,
+            grids=wlrs,
+            seconds=time.perf_counter() - t_part,
+            summary=summary,
+            runs=runs,
         )
         (a.out / "gpt_width.json").write_text(json.dumps(result, indent=1))
         for n, s in summary.items():
@@ -357,7 +381,7 @@ def main(argv=None):
                 f"  {n:16s} best lr per width {[s['per_width'][d]['best_lr'] for d in widths]}"
                 f"  shift {s['grid_shift']}"
             )
-        plot_width(runs, widths, wlrs, a.out / "gpt_width.png")
+        save(width_figure(runs, widths, wlrs), a.out / "gpt_width.png")
     print(f"total {time.perf_counter() - t_start:.0f}s")
 
 

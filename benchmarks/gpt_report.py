@@ -1,4 +1,5 @@
-"""Tables and figures of ``benchmarks/gpt.py``'s results."""
+"""Tables and figures of ``benchmarks/gpt.py``'s results (the benchmarks page draws the same
+figures through ``curves_figure`` and ``width_figure``)."""
 
 from __future__ import annotations
 
@@ -21,13 +22,18 @@ def table(summary, target, equal_time):
     return "\n".join(rows)
 
 
-def plot(best, path, target):
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
+    return plt
+
+
+def curves_figure(best, target):
+    """Validation loss against steps and against training seconds, one curve per optimizer."""
+    fig, axes = _pyplot().subplots(1, 2, figsize=(11, 4), sharey=True)
     for n, r in best.items():
         c = np.asarray(r["curve"])
         for ax, x in zip(axes, (c[:, 0], c[:, 3]), strict=True):
@@ -38,18 +44,14 @@ def plot(best, path, target):
     axes[0].legend(fontsize=7)
     fig.suptitle("GPT on Python source (bytes)")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    return fig
 
 
-def plot_width(runs, widths, grids, path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(grids), figsize=(4 * len(grids), 3.8))
-    for ax, n in zip(axes, grids, strict=True):
+def width_figure(runs, widths, grids):
+    """Final validation loss against learning rate, one curve per width, one panel per
+    optimizer (``widths`` may be ints or a JSON file's string keys' ints)."""
+    fig, axes = _pyplot().subplots(1, len(grids), figsize=(3.6 * len(grids), 3.4))
+    for ax, n in zip(np.atleast_1d(axes), grids, strict=True):
         for d in widths:
             rs = sorted(
                 (r for r in runs if r["optimizer"] == n and r["d"] == d), key=lambda r: r["lr"]
@@ -57,8 +59,12 @@ def plot_width(runs, widths, grids, path):
             ys = [r["final_val"] if np.isfinite(r["final_val"]) else np.nan for r in rs]
             ax.plot([r["lr"] for r in rs], ys, "o-", label=f"d = {d}")
         ax.set(xscale="log", xlabel="learning rate", title=n)
-    axes[0].set_ylabel("final validation loss")
-    axes[0].legend()
+    np.atleast_1d(axes)[0].set_ylabel("final validation loss")
+    np.atleast_1d(axes)[0].legend()
     fig.tight_layout()
+    return fig
+
+
+def save(fig, path):
     fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _pyplot().close(fig)

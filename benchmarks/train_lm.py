@@ -41,6 +41,7 @@ from flax import nnx
 import manifold_optax as mo
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
+from _curves import best_runs, steps_to  # noqa: E402
 from _machine import machine  # noqa: E402
 
 RESULTS = pathlib.Path(__file__).parent / "results"
@@ -231,13 +232,6 @@ def run(name, lr, cfg, train, val, seed=0):
     }
 
 
-def steps_to(curve, target):
-    for t, _, vl in curve:
-        if vl <= target:
-            return t
-    return None
-
-
 LRS = {
     "adamw": [1e-3, 3e-3, 1e-2],
     "muon": [0.01, 0.02, 0.04],
@@ -253,10 +247,7 @@ LRS = {
 def summarize(runs):
     """The best run of each optimizer (in the order of first appearance) and the summary:
     best lr, final val loss, steps to AdamW's final val loss and their ratio to AdamW's."""
-    best = {}
-    for r in runs:
-        if r["optimizer"] not in best or r["final_val"] < best[r["optimizer"]]["final_val"]:
-            best[r["optimizer"]] = r
+    best = best_runs(runs)
     target = best["adamw"]["final_val"] if "adamw" in best else None
     adam_steps = steps_to(best["adamw"]["curve"], target) if target else None
     summary = {}

@@ -24,20 +24,19 @@ def test_quick_run_writes_every_result_and_every_loss_falls(tmp_path):
 
     res = json.loads((tmp_path / "gpt.json").read_text())
     assert {r["optimizer"] for r in res["runs"]} == set(gpt.LRS)
-    assert set(res["summary"]) == set(gpt.LRS) and res["machine"]
+    assert set(res["summary"]) == set(gpt.LRS) and res["machine"] and res["seconds"] > 0
     adam = res["summary"]["adamw"]
     assert adam["ratio"] == 1.0 and adam["step_time_ratio"] == 1.0
     for s in res["summary"].values():
         assert s["final_val"] > 0 and s["step_time_ratio"] > 0
         assert s["ratio"] is None or s["ratio"] > 0
     width = json.loads((tmp_path / "gpt_width.json").read_text())
-    assert set(width["summary"]) == set(gpt.WIDTH_LRS)
+    assert set(width["summary"]) == set(gpt.WIDTH_LRS) and width["seconds"] > 0
     for n, s in width["summary"].items():
         assert set(s["per_width"]) == {str(d) for d in width["widths"]}
         assert s["grid_shift"] is None or abs(s["grid_shift"]) < len(gpt.WIDTH_LRS[n])
     for r in res["runs"] + width["runs"]:
         first, last = r["curve"][0][2], r["curve"][-1][2]
-        assert math.isfinite(last) and last < math.log(256), (r["optimizer"], r["lr"], r["d"])
-        assert last < first or last < 0.9 * math.log(256), (r["optimizer"], r["lr"], r["d"])
+        assert math.isfinite(last) and last < first, (r["optimizer"], r["lr"], r["d"], first, last)
     for name in ("gpt.png", "gpt_width.png", "gpt.md"):
         assert (tmp_path / name).stat().st_size > 100

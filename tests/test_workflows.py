@@ -3,8 +3,11 @@ through ``.ci/run``, the slow suite and the notebooks nightly, the numerics on t
 programs, ruff, the package and the lower bounds; ``.ci/run`` runs the README's test line."""
 
 import importlib.util
+import os
 import pathlib
 import re
+import subprocess
+import sys
 import tomllib
 
 import pytest
@@ -229,3 +232,39 @@ def test_nightly_runs_the_slow_suite_and_the_notebooks(nightly):
     docs = runs(job_with(nightly, "sphinx"))
     assert "nb_execution_mode" not in docs, "the docs build executes the notebooks"
     assert "-W" in docs
+
+
+def test_xdist_groups_run_on_one_worker(tmp_path):
+    """The README's ``-n auto`` with the configured ``--dist loadgroup`` keeps the tests of one
+    ``xdist_group`` on one worker, so a session fixture that starts subprocesses (the
+    multi-process and sharding checks) runs once: a 3-test group on 2 workers, each worker
+    noting the group's fixture when it builds it."""
+    (tmp_path / "test_grouped.py").write_text(
+        "import os, pytest\n"
+        "pytestmark = pytest.mark.xdist_group('g')\n"
+        "@pytest.fixture(scope='session')\n"
+        "def built():\n"
+        "    with open(os.environ['GROUP_LOG'], 'a') as f:\n"
+        "        f.write(os.environ['PYTEST_XDIST_WORKER'] + '\\n')\n"
+        "@pytest.mark.parametrize('i', range(3))\n"
+        "def test_member(built, i):\n"
+        "    pass\n"
+        "@pytest.mark.parametrize('i', range(4))\n"
+        "def test_other(i):\n"
+        "    pass\n"
+    )
+    (tmp_path / "pytest.ini").write_text("[pytest]\n")
+    log = tmp_path / "built.log"
+    env = dict(os.environ, GROUP_LOG=str(log))
+    dist = PYPROJECT["tool"]["pytest"]["ini_options"]["addopts"]
+    dist = dist[dist.index("--dist") : dist.index("--dist") + 2]
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-n", "2", *dist, "-p", "no:cacheprovider"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert len(log.read_text().split()) == 1, (log.read_text(), done.stdout)

@@ -3,7 +3,12 @@ and ``gpt_width.json`` (``benchmarks/gpt.py``)."""
 
 from __future__ import annotations
 
-import numpy as np
+import pathlib
+import sys
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks"))
+from _curves import best_runs  # noqa: E402
+from gpt_report import curves_figure, width_figure  # noqa: E402
 
 
 def _cfg(c) -> str:
@@ -13,9 +18,10 @@ def _cfg(c) -> str:
     )
 
 
-def gpt_section(load, machine_line, table, g, plt, save, out_dir) -> list[str]:
+def gpt_section(load, machine_line, table, g, save, out_dir) -> list[str]:
     """Markdown lines (and plots in ``out_dir``) for the GPT results; ``[]`` without them.
-    The helpers are the page generator's own."""
+    The table, number and save helpers are the page generator's; the figures are
+    ``benchmarks/gpt_report.py``'s."""
     lines = []
     r = load("gpt.json")
     if r is not None:
@@ -48,20 +54,7 @@ def gpt_section(load, machine_line, table, g, plt, save, out_dir) -> list[str]:
         ]
         head = ["optimizer", "best lr", "final val", "steps to AdamW's", "ratio"]
         lines += table(head + ["step time ÷ AdamW", "val at equal time"], body) + [""]
-        best = {}
-        for run in r["runs"]:
-            n = run["optimizer"]
-            if n not in best or run["final_val"] < best[n]["final_val"]:
-                best[n] = run
-        fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
-        for n, run in best.items():
-            cv = np.asarray(run["curve"])
-            axes[0].plot(cv[:, 0], cv[:, 2], label=n)
-            axes[1].plot(cv[:, 3], cv[:, 2], label=n)
-        for ax, xl in zip(axes, ("step", "training seconds"), strict=True):
-            ax.axhline(r["target"], color="gray", ls=":", lw=1)
-            ax.set(xlabel=xl, ylabel="validation loss (nats/byte)")
-        axes[0].legend(fontsize=7)
+        fig = curves_figure(best_runs(r["runs"]), r["target"])
         lines += [save(fig, out_dir, "gpt.png"), ""]
     w = load("gpt_width.json")
     if w is not None:
@@ -91,18 +84,6 @@ def gpt_section(load, machine_line, table, g, plt, save, out_dir) -> list[str]:
         head = ["optimizer", *(f"best lr d={d}" for d in widths)]
         head += [*(f"loss d={d}" for d in widths), "grid points moved"]
         lines += table(head, body) + [""]
-        names = list(w["summary"])
-        fig, axes = plt.subplots(1, len(names), figsize=(3.6 * len(names), 3.4))
-        for ax, n in zip(axes, names, strict=True):
-            for d in widths:
-                rs = sorted(
-                    (x for x in w["runs"] if x["optimizer"] == n and x["d"] == d),
-                    key=lambda x: x["lr"],
-                )
-                ys = [x["final_val"] if np.isfinite(x["final_val"]) else np.nan for x in rs]
-                ax.plot([x["lr"] for x in rs], ys, "o-", label=f"d = {d}")
-            ax.set(xscale="log", xlabel="learning rate", title=n)
-        axes[0].set_ylabel("final validation loss")
-        axes[0].legend()
+        fig = width_figure(w["runs"], widths, list(w["summary"]))
         lines += [save(fig, out_dir, "gpt_width.png"), ""]
     return lines

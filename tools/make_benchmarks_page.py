@@ -553,7 +553,7 @@ def main(argv=None):
         sharding_section,
         lambda out_dir: scaling_section(load, machine_line, table, g, _plt(), save, out_dir),
         lm_section,
-        lambda out_dir: gpt_section(load, machine_line, table, g, _plt(), save, out_dir),
+        lambda out_dir: gpt_section(load, machine_line, table, g, save, out_dir),
     ):
         lines += section(out_dir)
     (out_dir / "benchmarks.md").write_text("\n".join(lines).rstrip() + "\n")
