@@ -20,8 +20,9 @@ and norm scales to AdamW at ``adam_lr``.
    many grid points it moves from the smallest width to the largest.
 
 Run: ``python benchmarks/gpt.py`` (both parts; each result file records its wall-clock
-``seconds``) or ``--quick`` (tiny sizes, a few minutes). Results: ``benchmarks/results/gpt.{json,md,png}`` and
-``gpt_width.{json,png}`` (``--out DIR`` writes them elsewhere).
+``seconds``) or ``--quick`` (tiny sizes, a few minutes). Results:
+``benchmarks/results/gpt.{json,md,png}`` and ``gpt_width.{json,png}`` (``--out DIR`` writes
+them elsewhere).
 """
 
 from __future__ import annotations
@@ -167,12 +168,14 @@ def run(name, lr, cfg, train, val, seed=0):
     key = (name, *sorted(cfg.items()))
     if key not in _TX:
         tx, spec = make_tx(name, cfg, dims)
-        project = spec and jax.jit(
-            partial(mo.project_params, manifold_spec=spec, weight_dimension_numbers=dims)
-        )
+        project = None
+        if spec is not None:
+            project = jax.jit(
+                partial(mo.project_params, manifold_spec=spec, weight_dimension_numbers=dims)
+            )
         _TX[key] = tx, project
     tx, project = _TX[key]
-    if project:
+    if project is not None:
         nnx.update(model, project(nnx.state(model, nnx.Param)))
     opt = new_optimizer(model, tx)
     opt.opt_state.hyperparams["peak"].value = jnp.asarray(lr, jnp.float32)

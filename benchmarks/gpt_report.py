@@ -49,9 +49,10 @@ def curves_figure(best, target):
 
 def width_figure(runs, widths, grids):
     """Final validation loss against learning rate, one curve per width, one panel per
-    optimizer (``widths`` may be ints or a JSON file's string keys' ints)."""
+    optimizer (the names in ``grids``)."""
     fig, axes = _pyplot().subplots(1, len(grids), figsize=(3.6 * len(grids), 3.4))
-    for ax, n in zip(np.atleast_1d(axes), grids, strict=True):
+    axes = np.atleast_1d(axes)
+    for ax, n in zip(axes, grids, strict=True):
         for d in widths:
             rs = sorted(
                 (r for r in runs if r["optimizer"] == n and r["d"] == d), key=lambda r: r["lr"]
@@ -59,8 +60,8 @@ def width_figure(runs, widths, grids):
             ys = [r["final_val"] if np.isfinite(r["final_val"]) else np.nan for r in rs]
             ax.plot([r["lr"] for r in rs], ys, "o-", label=f"d = {d}")
         ax.set(xscale="log", xlabel="learning rate", title=n)
-    np.atleast_1d(axes)[0].set_ylabel("final validation loss")
-    np.atleast_1d(axes)[0].legend()
+    axes[0].set_ylabel("final validation loss")
+    axes[0].legend()
     fig.tight_layout()
     return fig
 
