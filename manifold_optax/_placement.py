@@ -107,6 +107,16 @@ def _is_params(x) -> bool:
     return isinstance(x, _Params)
 
 
+def _flatten_up_to(treedefs, tree) -> list:
+    """``tree``'s subtrees at the leaves of the first of ``treedefs`` it has as a prefix."""
+    for treedef in treedefs[:-1]:
+        try:
+            return treedef.flatten_up_to(tree)
+        except (ValueError, TypeError):
+            continue
+    return treedefs[-1].flatten_up_to(tree)
+
+
 def param_of(init, state, params) -> list:
     """For each leaf of ``state`` (made by ``init``), the index of the parameter leaf whose
     position it holds in one of the state's trees with the parameters' structure (a
@@ -114,7 +124,12 @@ def param_of(init, state, params) -> list:
     ``init`` gives (as ``optax.tree_map_params`` reads it), never from shapes."""
     if init is None:  # ``state`` is a tree like the parameters (the updates)
         return list(range(len(jax.tree.leaves(state))))
+    from manifold_optax.transforms._leaf_state import unboxed  # noqa: PLC0415
+
+    # Two kinds of parameter-shaped trees: optax's (a momentum keeps the parameters' NNX
+    # Variables) and the manifold transformations' (the Variables' values only).
     p_def = jax.tree.structure(params)
+    p_defs = (p_def, unboxed(p_def))
     marks, m_def = jax.tree.flatten(init(_Params()), is_leaf=_is_params)
     try:
         subtrees = m_def.flatten_up_to(state)
@@ -123,7 +138,7 @@ def param_of(init, state, params) -> list:
     out = []
     for mark, sub in zip(marks, subtrees, strict=True):
         if _is_params(mark):
-            for i, leaf_sub in enumerate(p_def.flatten_up_to(sub)):
+            for i, leaf_sub in enumerate(_flatten_up_to(p_defs, sub)):
                 out += [i] * len(jax.tree.leaves(leaf_sub))
         else:
             out += [None] * len(jax.tree.leaves(sub))

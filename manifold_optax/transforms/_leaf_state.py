@@ -3,6 +3,8 @@ manifold leaf, kept as trees with the parameters' structure."""
 
 from __future__ import annotations
 
+import functools
+import sys
 from typing import Any, NamedTuple
 
 import jax
@@ -14,7 +16,7 @@ from manifold_optax.labels import path_to_str
 from manifold_optax.manifolds._ops import working
 from manifold_optax.transforms._leaves import leaf_view, resolve_manifolds
 
-__all__ = ["LeafState", "state_trees", "leaf_states", "initial_leaves"]
+__all__ = ["LeafState", "state_trees", "leaf_states", "initial_leaves", "unboxed"]
 
 
 class LeafState(NamedTuple):
@@ -34,18 +36,41 @@ def _unmasked(x):
     return None if isinstance(x, optax.MaskedNode) else x
 
 
+def _is_variable(x) -> bool:
+    nnx = sys.modules.get("flax.nnx")  # no Flax NNX imported: no Variables to find
+    return nnx is not None and isinstance(x, nnx.Variable)
+
+
+@functools.lru_cache(maxsize=256)
+def unboxed(treedef):
+    """``treedef`` with each Flax NNX ``Variable`` node (``nnx.Param(array)``, as
+    ``nnx.Optimizer`` hands the parameters to ``init``) replaced by its value's structure;
+    ``treedef`` itself when it has none. The state keeps its trees in this structure, so a leaf's multiplier or
+    auxiliary state (a tuple of arrays) never sits inside a Variable, and the state has one
+    structure whether the parameters come boxed (``init``) or as arrays (``update``)."""
+    tree = jax.tree.unflatten(treedef, [0] * treedef.num_leaves)
+    # Each Variable gives way to its value: a leaf, or a leafless node (optax.masked's
+    # ``MaskedNode``), so the leaves stay those of ``treedef``.
+    tree = jax.tree.map(
+        lambda x: x.get_value() if _is_variable(x) else x, tree, is_leaf=_is_variable
+    )
+    return jax.tree.structure(tree)
+
+
 def state_trees(states: list, treedef) -> tuple:
     """``(y, aux)``: the multipliers and the auxiliary states of one :class:`LeafState` per
-    leaf as two trees with the parameters' structure ``treedef`` (``optax.MaskedNode()``
-    where a leaf has none), as optax keeps a momentum: ``optax.tree_map_params`` maps them
-    and :func:`~manifold_optax.state_shardings` reads each leaf's parameter from its
-    position."""
+    leaf as two trees with the parameters' structure ``treedef`` (:func:`unboxed`;
+    ``optax.MaskedNode()`` where a leaf has none), as optax keeps a momentum:
+    ``optax.tree_map_params`` maps them and :func:`~manifold_optax.state_shardings` reads
+    each leaf's parameter from its position."""
+    treedef = unboxed(treedef)
     ys = jax.tree.unflatten(treedef, [_masked(s.y) for s in states])
     return ys, jax.tree.unflatten(treedef, [_masked(s.aux) for s in states])
 
 
 def leaf_states(y, aux, treedef) -> list:
     """The inverse of :func:`state_trees`: one :class:`LeafState` per leaf of ``treedef``."""
+    treedef = unboxed(treedef)
     return [
         LeafState(_unmasked(a), _unmasked(b))
         for a, b in zip(treedef.flatten_up_to(y), treedef.flatten_up_to(aux), strict=True)
