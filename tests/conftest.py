@@ -4,13 +4,15 @@ import os
 
 # The suite checks what the programs compute, not their speed, and it is bound by compilation.
 # So the tests (and the subprocesses and notebook kernels they start, which inherit the
-# environment) compile with most of XLA's optimizations off and LLVM at level 0; a test of the
+# environment) compile with most of XLA's optimizations off, LLVM at level 0 and XLA:CPU's
+# fusion emitters off (the loop emitters compile in about half the CPU time); a test of the
 # optimized program itself turns them back on (see test_stiefel's HLO check). Set
 # MANIFOLD_OPTAX_TEST_FULL_OPT=1 to run everything on the fully optimized code.
 # This must run before jax is imported.
 if not os.environ.get("MANIFOLD_OPTAX_TEST_FULL_OPT"):
     os.environ["XLA_FLAGS"] = (
-        os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0"
+        os.environ.get("XLA_FLAGS", "")
+        + " --xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false"
     ).strip()
     os.environ["JAX_DISABLE_MOST_OPTIMIZATIONS"] = "1"
 

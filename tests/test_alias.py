@@ -38,8 +38,10 @@ def test_parity_with_optax_contrib_muon(weight_decay):
         uo, so = upd_o(g, so, params)
         ut, st = upd_t(g, st, params)
         for a, b in zip(jax.tree.leaves(uo), jax.tree.leaves(ut), strict=True):
-            # NS in float32 amplifies round-off a little: 1e-5 relative is 5 steps × ~20 ε.
-            assert float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b)) <= 1e-5
+            # NS in float32 amplifies round-off a little: 5 steps × 20 ε relative (the two
+            # compile their products and fusions differently).
+            tol = 5 * 20 * float(jnp.finfo(jnp.float32).eps)
+            assert float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b)) <= tol
         params = optax.apply_updates(params, ut)
 
 

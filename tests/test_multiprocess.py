@@ -1,6 +1,6 @@
 """Two processes × 2 CPU devices on JAX's multi-controller runtime (``jax.distributed``, gloo
 collectives, 127.0.0.1) against one process × 4 devices: ``muon`` and ``manifold_muon`` on
-every manifold under ``"gather"`` and ``"owner"``, from global arrays built from process-local
+Stiefel (on every manifold in the slow suite) under ``"gather"`` and ``"owner"``, from global arrays built from process-local
 data; the functions called outside ``jit`` on such arrays; an orbax checkpoint written by the
 two processes, restored by one process on other meshes. The runs are
 ``tests/multiprocess_worker.py``, in subprocesses (the device count is fixed when jax
@@ -20,7 +20,12 @@ import pytest
 
 ROOT = pathlib.Path(__file__).parents[1]
 WORKER = ROOT / "tests" / "multiprocess_worker.py"
-OPTIMIZERS = ("muon", "sphere", "spectral_sphere", "stiefel", "oblique")
+# The default suite runs the pod on muon and Stiefel (the checkpointed run); the other
+# manifolds take the same sharded paths, and the slow suite re-checks them all in the pod.
+SUITES = {
+    "muon+stiefel": ("muon", "stiefel"),
+    "every_manifold": ("muon", "sphere", "spectral_sphere", "stiefel", "oblique"),
+}
 STRATEGIES = ("gather", "owner")
 LEAVES = ("a", "b", "bias", "c", "d")
 TIMEOUT_S = 420  # the three processes together, on a loaded 2-core machine
@@ -36,8 +41,8 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def _env(devices):
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
+def _env(devices, names):
+    env = dict(os.environ, JAX_PLATFORMS="cpu", MULTIPROCESS_OPTIMIZERS=",".join(names))
     # The fusion emitters off: XLA:CPU compiles these programs in half the time.
     env["XLA_FLAGS"] = (
         env.get("XLA_FLAGS", "")
@@ -87,26 +92,37 @@ def _run_all(commands, logs):
         pytest.fail(f"{failed}\n" + "\n".join(tails), pytrace=False)
 
 
-@pytest.fixture(scope="session")
-def runs(tmp_path_factory):
+@pytest.fixture(
+    scope="session",
+    params=["muon+stiefel", pytest.param("every_manifold", marks=pytest.mark.slow)],
+)
+def runs(request, tmp_path_factory):
     """The pod's 2 processes and the reference, together (the reference restores the pod's
-    checkpoint once it is written). Session-scoped: under ``--dist loadgroup`` the worker may
-    run other modules' tests between this module's, and a module-scoped fixture would start
-    the processes again."""
+    checkpoint once it is written), on the optimizers of ``SUITES[request.param]``, returned
+    under ``"names"``. Session-scoped: under ``--dist loadgroup`` the worker may run other
+    modules' tests between this module's, and a module-scoped fixture would start the
+    processes again."""
+    names = SUITES[request.param]
     out = tmp_path_factory.mktemp("multiprocess")
     ckpt, logs = out / "ckpt", out / "logs"
     ckpt.mkdir()
     logs.mkdir()
     port = _free_port()
     pod = [
-        ([sys.executable, str(WORKER), "pod", str(i), str(port), str(out), str(ckpt)], _env(2))
+        (
+            [sys.executable, str(WORKER), "pod", str(i), str(port), str(out), str(ckpt)],
+            _env(2, names),
+        )
         for i in range(2)
     ]
-    reference = ([sys.executable, str(WORKER), "reference", str(out), str(ckpt)], _env(4))
+    reference = (
+        [sys.executable, str(WORKER), "reference", str(out), str(ckpt)],
+        _env(4, names),
+    )
     t0 = time.monotonic()
     _run_all([*pod, reference], logs)
     print(f"pod and reference: {time.monotonic() - t0:.0f} s")
-    return {
+    return {"names": names} | {
         role: (dict(np.load(out / f"{role}.npz")), json.loads((out / f"{role}.json").read_text()))
         for role in ("pod", "reference")
     }
@@ -125,9 +141,9 @@ def test_two_processes_equal_one(runs):
     """3 steps (and the projected start) on 2 processes × 2 devices equal 1 process × 4
     devices. The processes' all-reduces (gloo) sum in another order than one process's, so the
     float32 results may differ by a few ulps: ≤ 1e-6 relative (Frobenius) per leaf."""
-    (pod, _), (ref, _) = runs["pod"], runs["reference"]
+    (pod, _), (ref, _), names = runs["pod"], runs["reference"], runs["names"]
     want = set()
-    for name in OPTIMIZERS:
+    for name in names:
         want |= _keys(f"{name}/projected")
         for strategy in STRATEGIES:
             for t in (1, 2, 3):
@@ -138,7 +154,7 @@ def test_two_processes_equal_one(runs):
     bad = sorted(((v, k) for k, v in rel.items() if not v <= 1e-6), reverse=True)
     assert not bad, f"{len(bad)} of {len(rel)} leaves differ; the worst: {bad[:8]}"
     # The steps move the parameters (a run that did nothing would also agree).
-    for name in OPTIMIZERS:
+    for name in names:
         assert _rel(ref[f"{name}/gather/step3/params['a']"], ref[f"{name}/projected['a']"]) > 1e-3
 
 
@@ -146,7 +162,7 @@ def test_outside_jit_on_global_arrays(runs):
     """project_params, init, diagnostics, label_params and flax_dimension_numbers (Linen with
     a global example input, NNX with global parameters) run outside jit on arrays that span
     the processes, and give what one process gives."""
-    (pod, pod_meta), (ref, ref_meta) = runs["pod"], runs["reference"]
+    (pod, pod_meta), (ref, ref_meta), names = runs["pod"], runs["reference"], runs["names"]
     assert pod_meta["errors"] == {}, "\n".join(f"{k}: {v}" for k, v in pod_meta["errors"].items())
     assert ref_meta["errors"] == {}, "\n".join(f"{k}: {v}" for k, v in ref_meta["errors"].items())
     for key in ("linen_dimension_numbers", "nnx_dimension_numbers", "labels"):
@@ -158,9 +174,9 @@ def test_outside_jit_on_global_arrays(runs):
         assert linen_dims[layer]["bias"] == "None", linen_dims
     assert pod_meta["labels"] == dict.fromkeys("abcd", "matrix") | {"bias": "fallback"}
     assert pod_meta["state_finite"] == dict.fromkeys(
-        (f"{n}/{s}" for n in OPTIMIZERS for s in STRATEGIES), True
+        (f"{n}/{s}" for n in names for s in STRATEGIES), True
     )
-    for name in OPTIMIZERS[1:]:
+    for name in names[1:]:
         for leaf in "abcd":
             k = f"{name}/diagnostics['{leaf}']"
             # The distance is relative to the manifold's scale (~1e-7 on it).

@@ -179,7 +179,7 @@ def _owner_rows(tmp_path_factory, names):
     return json.loads(out.read_text())
 
 
-OWNER_FAST = ("muon", "stiefel")
+OWNER_FAST = ("muon", "oblique")
 OWNER_ALL = ("muon", "normuon", "sphere", "spectral_sphere", "stiefel", "oblique")
 
 
@@ -196,7 +196,7 @@ def test_owner_divides_the_work_over_the_devices(tmp_path_factory):
     """8 devices, "owner": each device computes its own matrices — per-device FLOPs within
     1.25× of one device's ÷ 8 (the padded group of 3 matrices costs one matrix per device),
     each device receives at most 2.5× the matrices' bytes, and two steps equal one device's
-    (muon and Stiefel here; every optimizer under -m slow)."""
+    (muon and the oblique manifold here; every optimizer under -m slow)."""
     _assert_owned(_owner_rows(tmp_path_factory, OWNER_FAST), OWNER_FAST)
 
 
